@@ -1,0 +1,19 @@
+# grokpipe: train the prime x seed grid of config/config.yaml, one safetensors file per checkpoint.
+# Entry point only; rules live in workflow/rules/, logic in the grokpipe package (src/grokpipe/).
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/train.smk"
+
+
+rule all:
+    input:
+        grid_targets(),
+    default_target: True

@@ -1,0 +1,89 @@
+"""Crash-safe file writes: temporary file in the same directory, fsync, rename, fsync the directory.
+
+A reader sees either the old file or the complete new one, never a torn file; a crash or a write
+error leaves at most a temporary file (``.NAME.tmp-*``), which :func:`remove_stale_temporaries`
+clears on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import GrokpipeError
+
+TMP_MARKER = ".tmp-"
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> str:
+    """Write ``data`` to ``path`` crash-safely and return its sha256 (hex).
+
+    On any OS error (disk full, permission) the temporary file is removed, ``path`` keeps its old
+    content (or stays absent) and a GrokpipeError names the file.
+    """
+    path = Path(path)
+    digest = hashlib.sha256(data).hexdigest()
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARKER}", dir=path.parent)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise GrokpipeError(f"{path}: write failed ({reason}); nothing was written there") from None
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+    return digest
+
+
+def write_json_atomic(path: str | Path, data) -> str:
+    """Write ``data`` as indented JSON crash-safely; returns the file's sha256."""
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    return write_bytes_atomic(path, text.encode())
+
+
+def is_temporary(path: str | Path) -> bool:
+    name = Path(path).name
+    return name.startswith(".") and TMP_MARKER in name
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete temporary files a killed writer left in ``directory``; returns what was removed."""
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        if entry.is_file() and is_temporary(entry):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,256 @@
+"""The workflow configuration: schema validation, semantic checks, and per-run specs.
+
+The JSON schema (``schemas/config.schema.yaml``, also at ``workflow/schemas/``) is the contract; what a
+schema cannot say (primality, non-empty splits) is checked here. Snakemake validates with the same
+schema through ``snakemake.utils.validate`` and then calls :func:`check_semantics`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, GrokpipeError
+
+SCHEMA_FILE = "config.schema.yaml"
+
+
+def schema_path() -> Path:
+    """Path of the installed config schema."""
+    return Path(str(resources.files("grokpipe").joinpath("schemas", SCHEMA_FILE)))
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(schema_path().read_text())
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Read a YAML (or JSON) config file; a missing or unparsable file is a GrokpipeError naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise GrokpipeError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise GrokpipeError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise GrokpipeError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    k = 3
+    while k * k <= n:
+        if n % k == 0:
+            return False
+        k += 2
+    return True
+
+
+def _key_of(error) -> str:
+    """Dotted config key of a jsonschema error; for unknown keys, the unknown key itself."""
+    parts = list(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = set(error.schema.get("properties", {}))
+        unknown = sorted(k for k in error.instance if k not in allowed)
+        if unknown:
+            parts.append(unknown[0])
+    elif error.validator == "required":
+        missing = [k for k in error.validator_value if k not in error.instance]
+        if missing:
+            parts.append(missing[0])
+    key = ""
+    for part in parts:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key or "<top level>"
+
+
+def _problem_of(error) -> str:
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        return f"unknown key (allowed here: {', '.join(allowed)})"
+    if error.validator == "required":
+        return "is required but missing"
+    return error.message
+
+
+def schema_error_to_config_error(error, source: str | None = None) -> ConfigError:
+    """Turn a jsonschema ValidationError into a ConfigError that names the offending key."""
+    return ConfigError(_key_of(error), _problem_of(error), source)
+
+
+def describe_validation_failure(exc: BaseException, source: str | None = None) -> str:
+    """One line naming the bad key, for a ConfigError or for snakemake.utils.validate's WorkflowError
+    (which carries the jsonschema ValidationError as its context)."""
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and hasattr(cause, "absolute_path"):
+        return str(schema_error_to_config_error(cause, source))
+    return str(exc)
+
+
+def validate_config(config: dict, source: str | None = None) -> dict:
+    """Validate against the schema (filling defaults, like snakemake.utils.validate) and semantically.
+
+    Returns a new dict with defaults filled in. Raises ConfigError naming the first bad key.
+    """
+    import jsonschema
+    from jsonschema import validators
+
+    config = copy.deepcopy(config)
+    schema = load_schema()
+    base = validators.validator_for(schema)
+
+    def set_defaults(validator, properties, instance, subschema):
+        for name, prop in properties.items():
+            if isinstance(instance, dict) and "default" in prop:
+                instance.setdefault(name, copy.deepcopy(prop["default"]))
+        yield from base.VALIDATORS["properties"](validator, properties, instance, subschema)
+
+    validator_cls = validators.extend(base, {"properties": set_defaults})
+    errors = sorted(validator_cls(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise schema_error_to_config_error(jsonschema.exceptions.best_match(errors), source)
+    check_semantics(config, source)
+    return config
+
+
+def check_semantics(config: dict, source: str | None = None) -> None:
+    """Checks the schema cannot express. ``config`` must already satisfy the schema."""
+    training = config["training"]
+    for i, p in enumerate(config["primes"]):
+        if not is_prime(p):
+            raise ConfigError(f"primes[{i}]", f"{p} is not a prime", source)
+        n_train = int(p * p * training.get("frac_train", 0.3))
+        if n_train < 1 or n_train >= p * p:
+            raise ConfigError(
+                "training.frac_train",
+                f"with p = {p} the split leaves {n_train} of {p * p} pairs for training; "
+                "both train and test sets must be non-empty",
+                source,
+            )
+    model = config["model"]
+    if not model.get("attn_only", False) and "d_mlp" not in model:
+        raise ConfigError("model.d_mlp", "is required unless model.attn_only is true", source)
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """Optimisation hyperparameters of one run (the demo's names)."""
+
+    num_epochs: int
+    checkpoint_every: int
+    frac_train: float = 0.3
+    lr: float = 1e-3
+    weight_decay: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    data_seed: int = 598
+
+    def to_dict(self) -> dict:
+        return {
+            "frac_train": self.frac_train,
+            "num_epochs": self.num_epochs,
+            "checkpoint_every": self.checkpoint_every,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "betas": list(self.betas),
+            "data_seed": self.data_seed,
+        }
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that defines one (prime, seed) training run."""
+
+    model_name: str
+    prime: int
+    seed: int
+    training: TrainingSpec
+    model: dict = field(default_factory=dict)
+
+    @property
+    def run_name(self) -> str:
+        return run_name(self.model_name, self.prime, self.seed)
+
+    def to_dict(self) -> dict:
+        return {
+            "model_name": self.model_name,
+            "prime": self.prime,
+            "seed": self.seed,
+            "training": self.training.to_dict(),
+            "model": dict(self.model),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunSpec":
+        t = dict(data["training"])
+        t["betas"] = tuple(t.get("betas", (0.9, 0.98)))
+        return cls(
+            model_name=data["model_name"],
+            prime=int(data["prime"]),
+            seed=int(data["seed"]),
+            training=TrainingSpec(**t),
+            model=dict(data["model"]),
+        )
+
+    @property
+    def config_hash(self) -> str:
+        """sha256 of the settings that determine the training trajectory.
+
+        ``num_epochs`` is left out on purpose: a longer run shares every epoch of a shorter one, so
+        growing it continues training instead of starting over.
+        """
+        d = self.to_dict()
+        del d["training"]["num_epochs"]
+        return hashlib.sha256(canonical_json(d).encode()).hexdigest()
+
+    def hooked_config_kwargs(self) -> dict:
+        """Keyword arguments of HookedTransformerConfig for this run (the demo's derivations)."""
+        return {
+            **self.model,
+            "d_vocab": self.prime + 1,
+            "d_vocab_out": self.prime,
+            "n_ctx": 3,
+            "init_weights": True,
+            "seed": self.seed,
+        }
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def run_name(model_name: str, prime: int, seed: int) -> str:
+    return f"{model_name}_p{prime}_seed{seed}"
+
+
+def run_spec(config: dict, prime: int, seed: int, model_name: str | None = None) -> RunSpec:
+    """The spec of one run of a validated config (``model_name`` defaults to the config's)."""
+    return RunSpec.from_dict(
+        {
+            "model_name": model_name or config["model_name"],
+            "prime": prime,
+            "seed": seed,
+            "training": config["training"],
+            "model": config["model"],
+        }
+    )
+
+
+def grid(config: dict) -> list[RunSpec]:
+    """Every (prime, seed) run of a validated config, primes outer."""
+    return [run_spec(config, p, s) for p in config["primes"] for s in config["seeds"]]

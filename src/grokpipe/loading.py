@@ -1,0 +1,153 @@
+"""Loading runs for analysis: any checkpoint by epoch into a TransformerLens HookedTransformer.
+
+Loading one epoch reads that one safetensors file only (its header carries the model config), on
+CPU unless asked otherwise, whatever device trained it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import GrokpipeError
+from .layout import RunLayout, epoch_of_checkpoint
+from .safetensors_io import read_metadata, read_tensors
+
+LEGACY_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle")
+
+
+def _is_legacy(path: Path) -> bool:
+    return path.is_file() and path.suffix in LEGACY_SUFFIXES
+
+
+def list_epochs(run_dir: str | Path) -> list[int]:
+    """Epoch labels of the checkpoint files present in a run directory, ascending."""
+    layout = _layout(run_dir)
+    return list(layout.checkpoint_files())
+
+
+def checkpoint_path(run_dir: str | Path, epoch: int | None = None) -> Path:
+    """The file holding ``epoch``'s weights (``None``: the final model)."""
+    layout = _layout(run_dir)
+    if epoch is None:
+        if not layout.final_model.exists():
+            raise GrokpipeError(
+                f"{layout.final_model}: no final model (the run is unfinished?); "
+                f"checkpoints available: {_describe(list_epochs(run_dir))}"
+            )
+        return layout.final_model
+    path = layout.checkpoint(int(epoch))
+    if not path.exists():
+        raise GrokpipeError(
+            f"{layout.root}: no checkpoint for epoch {epoch}; available: {_describe(list_epochs(run_dir))}"
+        )
+    return path
+
+
+def _describe(epochs: list[int]) -> str:
+    if not epochs:
+        return "none"
+    if len(epochs) <= 8:
+        return ", ".join(map(str, epochs))
+    return f"{epochs[0]}, {epochs[1]}, ..., {epochs[-1]} ({len(epochs)} epochs)"
+
+
+def _layout(run_dir: str | Path) -> RunLayout:
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise GrokpipeError(f"{root}: not a run directory")
+    return RunLayout(root)
+
+
+def _resolve(path: str | Path, epoch: int | None) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        return checkpoint_path(path, epoch)
+    if not path.exists():
+        raise GrokpipeError(f"{path}: no such file or run directory")
+    if epoch is not None and path.suffix == ".safetensors":
+        label = read_metadata(path).get("epoch")
+        if label is not None and int(label) != int(epoch):
+            raise GrokpipeError(f"{path} holds epoch {label}, not {epoch}")
+    return path
+
+
+def load_state_dict(path: str | Path, epoch: int | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of one checkpoint (run directory + epoch, or a file), on CPU; no TransformerLens needed."""
+    path = Path(path)
+    if _is_legacy(path):
+        from .legacy import legacy_state_dict
+
+        return legacy_state_dict(path, epoch)
+    return read_tensors(_resolve(path, epoch))
+
+
+def hooked_config_dict(path: str | Path, epoch: int | None = None) -> dict:
+    """The HookedTransformerConfig fields of a checkpoint, from its header (or the run's config.json)."""
+    file = _resolve(Path(path), epoch)
+    header = read_metadata(file)
+    if "hooked_config" in header:
+        return json.loads(header["hooked_config"])
+    config_json = file.parent / "config.json"
+    if file.parent.name == "checkpoints":
+        config_json = file.parent.parent / "config.json"
+    if config_json.exists():
+        return load_config(config_json.parent)["hooked_transformer_config"]
+    raise GrokpipeError(f"{file}: no model config in its header and no config.json beside it")
+
+
+def load_model(path: str | Path, epoch: int | None = None, device: str = "cpu"):
+    """A HookedTransformer holding the weights of ``epoch`` (``None``: the final model).
+
+    ``path`` is a run directory, a single ``.safetensors`` file, or a legacy pickle (read through the
+    restricted loader; converting it with ``grokpipe convert`` is recommended). The load is strict.
+    """
+    from .model import config_from_json, empty_model
+
+    path = Path(path)
+    if _is_legacy(path):
+        from .legacy import legacy_model
+
+        return legacy_model(path, epoch, device)
+    file = _resolve(path, epoch)
+    cfg = config_from_json(hooked_config_dict(file), device=device)
+    model = empty_model(cfg)
+    try:
+        model.load_state_dict(read_tensors(file), strict=True)
+    except RuntimeError as exc:
+        raise GrokpipeError(f"{file}: weights do not fit the model config ({exc})") from None
+    model.eval()
+    return model
+
+
+def load_metadata(run_dir: str | Path) -> dict:
+    """The run's metadata.json (losses, indices, checkpoint epochs, grokking epoch, file hashes)."""
+    return _read_json(_layout(run_dir).metadata)
+
+
+def load_config(run_dir: str | Path) -> dict:
+    """The run's config.json (HookedTransformerConfig fields + training hyperparameters)."""
+    return _read_json(_layout(run_dir).config)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GrokpipeError(f"{path}: missing") from None
+    except (OSError, ValueError) as exc:
+        raise GrokpipeError(f"{path}: not readable JSON ({exc})") from None
+
+
+__all__ = [
+    "checkpoint_path",
+    "epoch_of_checkpoint",
+    "hooked_config_dict",
+    "list_epochs",
+    "load_config",
+    "load_metadata",
+    "load_model",
+    "load_state_dict",
+]

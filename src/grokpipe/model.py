@@ -1,0 +1,98 @@
+"""HookedTransformer construction, its config as JSON, and the demo's loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from contextlib import contextmanager
+
+import torch
+
+from .config import RunSpec
+
+
+@contextmanager
+def _quiet_transformer_lens():
+    # TL 3.x marks HookedTransformer deprecated in favour of TransformerBridge; it is the model of
+    # record here (4.x removed it, hence the 3.x pin), so the warning is noise for our users.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="transformer_lens")
+        yield
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` means cuda when one is visible, else cpu; ``cuda`` without a GPU is a user error."""
+    from .errors import GrokpipeError
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise GrokpipeError("device 'cuda' was requested but no CUDA device is available (use 'auto' or 'cpu')")
+    return device
+
+
+def training_model(spec: RunSpec, device: str):
+    """The demo's model: seeded init, every bias (``b_*``) frozen."""
+    with _quiet_transformer_lens():
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        cfg = HookedTransformerConfig(**spec.hooked_config_kwargs(), device=device)
+        model = HookedTransformer(cfg)
+    freeze_biases(model)
+    return model
+
+
+def freeze_biases(model: torch.nn.Module) -> None:
+    for name, param in model.named_parameters():
+        if "b_" in name.split(".")[-1]:
+            param.requires_grad = False
+
+
+def config_to_json(cfg) -> dict:
+    """Every HookedTransformerConfig field as JSON-ready data (dtype as its name, e.g. ``float32``)."""
+    out = {}
+    for key, value in cfg.to_dict().items():
+        if isinstance(value, torch.dtype):
+            value = str(value).removeprefix("torch.")
+        elif isinstance(value, torch.device):
+            value = str(value)
+        out[key] = value
+    return out
+
+
+def config_from_json(data: dict, device: str = "cpu"):
+    """A HookedTransformerConfig for loading weights: no init, no RNG side effects, on ``device``.
+
+    Fields this TransformerLens version does not know are dropped; ``seed`` is restored after
+    construction because HookedTransformerConfig reseeds every global RNG when given one.
+    """
+    with _quiet_transformer_lens():
+        from transformer_lens import HookedTransformerConfig
+
+    known = {f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init}
+    kwargs = {k: v for k, v in data.items() if k in known}
+    if isinstance(kwargs.get("dtype"), str):
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    seed = kwargs.pop("seed", None)
+    kwargs.update(init_weights=False, device=device, n_devices=1)
+    with _quiet_transformer_lens():
+        cfg = HookedTransformerConfig(**kwargs)
+    cfg.seed = seed
+    return cfg
+
+
+def empty_model(cfg):
+    """An uninitialised HookedTransformer for ``cfg``, to be filled by ``load_state_dict``."""
+    with _quiet_transformer_lens():
+        from transformer_lens import HookedTransformer
+
+        return HookedTransformer(cfg, move_to_device=True)
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean of −log_softmax of the float64 logits at the last position, at the label (the demo's)."""
+    if logits.ndim == 3:
+        logits = logits[:, -1]
+    log_probs = logits.to(torch.float64).log_softmax(dim=-1)
+    return -log_probs.gather(dim=-1, index=labels[:, None])[:, 0].mean()

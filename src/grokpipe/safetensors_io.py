@@ -1,0 +1,60 @@
+"""Safetensors files of grokpipe: model weights plus string-only provenance in ``__metadata__``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+
+from ._version import __version__
+from .atomic import write_bytes_atomic
+from .config import RunSpec
+from .errors import GrokpipeError
+
+
+def provenance(spec: RunSpec, epoch: int, kind: str, hooked_config: dict, source: str = "trained") -> dict[str, str]:
+    """Header metadata of a model file. Values must be strings (safetensors' rule);
+    ``format=pt`` is what Hugging Face loaders require."""
+    return {
+        "format": "pt",
+        "kind": kind,  # "checkpoint" or "final"
+        "epoch": str(epoch),
+        "prime": str(spec.prime),
+        "seed": str(spec.seed),
+        "model_name": spec.model_name,
+        "grokpipe_version": __version__,
+        "config_hash": spec.config_hash,
+        "source": source,
+        # The model config travels with every file, so one file alone rebuilds its HookedTransformer.
+        "hooked_config": json.dumps(hooked_config, sort_keys=True),
+    }
+
+
+def serialize_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
+    return save(tensors, metadata=metadata)
+
+
+def write_model_file(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Write a state dict crash-safely; returns the file's sha256."""
+    return write_bytes_atomic(path, serialize_state_dict(state_dict, metadata))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, without reading tensor data."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise GrokpipeError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, on CPU."""
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise GrokpipeError(f"{path}: not a readable safetensors file ({exc})") from None

@@ -1,0 +1,235 @@
+"""Training one (prime, seed) run: the TransformerLens grokking demo's loop, checkpointed as it goes.
+
+Every checkpoint is written to its own safetensors file the moment it exists and is never kept in
+memory; the resume state follows it, so a killed run continues from its last checkpoint and ends
+bit-identical to one that was never interrupted (same machine, same thread count).
+
+Epoch labels follow the demo: epochs are 0-based, and the weights after epoch ``e``'s optimizer
+step are checkpointed when ``(e + 1) % checkpoint_every == 0`` (labels 99, 199, ... for 100).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import resume
+from ._version import __version__
+from .atomic import remove_stale_temporaries, sha256_file, write_bytes_atomic, write_json_atomic
+from .config import RunSpec
+from .data import make_split
+from .layout import RunLayout
+from .model import config_to_json, loss_fn, resolve_device, training_model
+from .errors import GrokpipeError
+from .safetensors_io import provenance, read_metadata, read_tensors, serialize_state_dict
+
+log = logging.getLogger(__name__)
+
+METADATA_FORMAT_VERSION = 1
+EPOCH_CONVENTION = (
+    "0-based epochs; checkpoint E holds the weights after epoch E's optimizer step and is written "
+    "when (E + 1) % checkpoint_every == 0 (the TransformerLens grokking demo's labels)"
+)
+
+
+def grokking_epoch(test_losses: list[float], threshold: float) -> int | None:
+    """First epoch whose test loss is below ``threshold`` (None if none is)."""
+    for epoch, loss in enumerate(test_losses):
+        if loss < threshold:
+            return epoch
+    return None
+
+
+def _prune_checkpoints(layout: RunLayout, spec: RunSpec, keep_below: int) -> None:
+    """Remove checkpoint files that cannot belong to this run: from another configuration, past
+    ``num_epochs``, at epochs the schedule never writes, or with an unreadable header."""
+    every = spec.training.checkpoint_every
+    for epoch, path in layout.checkpoint_files().items():
+        reason = None
+        if epoch >= keep_below or (epoch + 1) % every:
+            reason = f"epoch {epoch} is not in this run's checkpoint schedule"
+        else:
+            try:
+                if read_metadata(path).get("config_hash") != spec.config_hash:
+                    reason = "written with a different configuration"
+            except GrokpipeError:
+                reason = "unreadable header"
+        if reason:
+            log.warning("removing %s: %s", path, reason)
+            path.unlink()
+
+
+def _same_content(path: Path, state_dict: dict, metadata: dict) -> bool:
+    """Whether ``path`` already holds exactly these tensors and header metadata.
+
+    Bytes are not compared: safetensors writes ``__metadata__`` in hash-map order, which varies
+    between processes, so two identical checkpoints may differ in header byte order.
+    """
+    try:
+        if read_metadata(path) != metadata:
+            return False
+        on_disk = read_tensors(path)
+    except GrokpipeError:
+        return False
+    return on_disk.keys() == state_dict.keys() and all(
+        on_disk[k].dtype == v.dtype and torch.equal(on_disk[k], v.detach().cpu()) for k, v in state_dict.items()
+    )
+
+
+def _write_checkpoint(path: Path, state_dict: dict, metadata: dict) -> str:
+    """Write a checkpoint unless an identical one is already there; returns the file's sha256."""
+    if path.exists():
+        if _same_content(path, state_dict, metadata):
+            return sha256_file(path)  # written before an interruption: keep it as it is
+        log.warning("%s differs from the recomputed checkpoint; replacing it", path)
+    return write_bytes_atomic(path, serialize_state_dict(state_dict, metadata))
+
+
+def train(
+    spec: RunSpec,
+    run_dir: str | Path,
+    *,
+    device: str = "cpu",
+    threads: int = 1,
+    grokking_threshold: float = 0.01,
+    progress_bar: bool = True,
+) -> dict:
+    """Train (or resume) one run into ``run_dir``; returns the metadata written to metadata.json."""
+    torch.set_num_threads(threads)
+    device = resolve_device(device)
+    layout = RunLayout(Path(run_dir))
+    t = spec.training
+    for directory in (layout.root, layout.checkpoints_dir, layout.artifacts_dir, layout.resume_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temporaries(directory):
+            log.info("removed temporary file left by an interrupted write: %s", stale)
+
+    split = make_split(spec.prime, t.frac_train, t.data_seed, device)
+    model = training_model(spec, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=t.betas)
+    hooked_config = config_to_json(model.cfg)
+
+    loaded, why = resume.load(layout, spec.config_hash, t.num_epochs)
+    if loaded is not None:
+        resume.restore(loaded, model, optimizer)
+        progress = loaded.progress
+        log.info("%s: %s", layout.name, why)
+    else:
+        if resume.exists(layout):
+            log.warning("%s: not resuming: %s", layout.name, why)
+            resume.clear(layout)
+        progress = resume.Progress()
+        log.info("%s: starting from epoch 0", layout.name)
+    _prune_checkpoints(layout, spec, keep_below=t.num_epochs)
+    # Keep the record consistent with the files that survive pruning.
+    progress.checkpoint_epochs = [e for e in progress.checkpoint_epochs if layout.checkpoint(e).exists()]
+    progress.files = {rel: sha for rel, sha in progress.files.items() if (layout.root / rel).exists()}
+
+    write_json_atomic(layout.config, _config_record(spec, hooked_config))
+
+    start = progress.epoch + 1
+    bar = tqdm(
+        range(start, t.num_epochs),
+        initial=start,
+        total=t.num_epochs,
+        desc=layout.name,
+        file=sys.stderr,
+        mininterval=2.0,
+        disable=not progress_bar,
+        ascii=True,
+    )
+    for epoch in bar:
+        train_loss = loss_fn(model(split.train_tokens), split.train_labels)
+        train_loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.inference_mode():
+            test_loss = loss_fn(model(split.test_tokens), split.test_labels)
+        progress.train_losses.append(train_loss.item())
+        progress.test_losses.append(test_loss.item())
+        progress.epoch = epoch
+
+        if (epoch + 1) % t.checkpoint_every == 0:
+            path = layout.checkpoint(epoch)
+            header = provenance(spec, epoch, "checkpoint", hooked_config)
+            progress.files[layout.relative(path)] = _write_checkpoint(path, model.state_dict(), header)
+            if epoch not in progress.checkpoint_epochs:
+                progress.checkpoint_epochs.append(epoch)
+            resume.save(layout, model, optimizer, progress, spec.config_hash)
+            bar.set_postfix(train=f"{progress.train_losses[-1]:.3g}", test=f"{progress.test_losses[-1]:.3g}")
+            log.info(
+                "epoch %d train_loss %.6g test_loss %.6g -> %s",
+                epoch, progress.train_losses[-1], progress.test_losses[-1], layout.relative(path),
+            )
+    bar.close()
+
+    final_epoch = t.num_epochs - 1
+    if not (final_epoch + 1) % t.checkpoint_every == 0 and start <= final_epoch:
+        # The end of a run is a resume point too: growing num_epochs later continues from here.
+        resume.save(layout, model, optimizer, progress, spec.config_hash)
+    final_data = serialize_state_dict(model.state_dict(), provenance(spec, final_epoch, "final", hooked_config))
+    progress.files[layout.relative(layout.final_model)] = write_bytes_atomic(layout.final_model, final_data)
+
+    metadata = _metadata_record(spec, progress, split, grokking_threshold, device, threads)
+    write_json_atomic(layout.metadata, metadata)
+    log.info(
+        "%s: done, %d epochs, final train_loss %.6g test_loss %.6g, grokking epoch %s",
+        layout.name, t.num_epochs, progress.train_losses[-1], progress.test_losses[-1],
+        metadata["grokking_epoch"],
+    )
+    return metadata
+
+
+def _config_record(spec: RunSpec, hooked_config: dict) -> dict:
+    return {
+        "model_name": spec.model_name,
+        "prime": spec.prime,
+        "seed": spec.seed,
+        "training": spec.training.to_dict(),
+        "model": spec.model,
+        "hooked_transformer_config": hooked_config,
+        "config_hash": spec.config_hash,
+        "grokpipe_version": __version__,
+    }
+
+
+def _metadata_record(spec, progress: resume.Progress, split, threshold: float, device: str, threads: int) -> dict:
+    import transformer_lens
+
+    checkpoint_epochs = sorted(progress.checkpoint_epochs)
+    return {
+        "format_version": METADATA_FORMAT_VERSION,
+        "source": "trained",
+        "model_name": spec.model_name,
+        "prime": spec.prime,
+        "seed": spec.seed,
+        "num_epochs": spec.training.num_epochs,
+        "checkpoint_every": spec.training.checkpoint_every,
+        "epoch_convention": EPOCH_CONVENTION,
+        "checkpoint_epochs": checkpoint_epochs,
+        "final_epoch": spec.training.num_epochs - 1,
+        "train_losses": progress.train_losses,
+        "test_losses": progress.test_losses,
+        "final_train_loss": progress.train_losses[-1],
+        "final_test_loss": progress.test_losses[-1],
+        "grokking_threshold": threshold,
+        "grokking_epoch": grokking_epoch(progress.test_losses, threshold),
+        "train_indices": split.train_indices.tolist(),
+        "test_indices": split.test_indices.tolist(),
+        "config_hash": spec.config_hash,
+        "files": dict(sorted(progress.files.items())),
+        "environment": {
+            "grokpipe": __version__,
+            "torch": torch.__version__,
+            "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+            "python": platform.python_version(),
+            "device": device,
+            "threads": threads,
+        },
+    }
+

@@ -1,0 +1,31 @@
+"""Helpers the Snakemake rules call (kept here so they are tested directly)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from .config import is_prime, run_spec
+from .errors import GrokpipeError
+
+
+def use_this_interpreter_for_jobs() -> None:
+    """Put the running interpreter's bin directory first on PATH.
+
+    Jobs then find the ``grokpipe`` CLI of the environment running Snakemake even when it was
+    started as ``.venv/bin/snakemake`` without activation. A conda env activated by
+    ``--sdm conda`` is prepended inside the job shell, so it still wins.
+    """
+    bindir = os.path.dirname(sys.executable)
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    if parts[:1] != [bindir]:
+        os.environ["PATH"] = os.pathsep.join([bindir, *[p for p in parts if p]])
+
+
+def train_spec_json(config: dict, model_name: str, prime: str | int, seed: str | int) -> str:
+    """The run spec handed to ``grokpipe train --spec``; changing it makes Snakemake rerun the run."""
+    prime = int(prime)
+    if prime < 5 or not is_prime(prime):
+        raise GrokpipeError(f"{model_name}_p{prime}_seed{seed}: p = {prime} is not a prime >= 5")
+    return json.dumps(run_spec(config, prime, int(seed), model_name=model_name).to_dict(), sort_keys=True)

@@ -1,0 +1,163 @@
+"""Training is the demo's loop, deterministic, checkpointed without retaining anything in memory."""
+
+import gc
+import json
+
+import torch
+
+import grokpipe
+from grokpipe import resume
+from grokpipe.config import grid, validate_config
+from grokpipe.data import make_split
+from grokpipe.layout import RunLayout
+from grokpipe.model import loss_fn
+from grokpipe.safetensors_io import read_metadata
+from grokpipe.train import grokking_epoch, train
+
+from conftest import tiny_config
+
+DEMO_MODEL = {"n_layers": 1, "n_heads": 4, "d_model": 128, "d_head": 32, "d_mlp": 512,
+              "act_fn": "relu", "normalization_type": None}
+
+
+def spec_for(prime=7, seed=0, **training):
+    config = validate_config(tiny_config(primes=[prime], seeds=[seed], training=training))
+    return grid(config)[0]
+
+
+def demo_loop(p, frac_train, num_epochs, checkpoint_every, seed, data_seed=598):
+    """The TransformerLens grokking demo's training loop, verbatim apart from sizes."""
+    import copy
+
+    import einops
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    a_vector = einops.repeat(torch.arange(p), "i -> (i j)", j=p)
+    b_vector = einops.repeat(torch.arange(p), "j -> (i j)", i=p)
+    equals_vector = einops.repeat(torch.tensor(p), " -> (i j)", i=p, j=p)
+    dataset = torch.stack([a_vector, b_vector, equals_vector], dim=1)
+    labels = (dataset[:, 0] + dataset[:, 1]) % p
+    torch.manual_seed(data_seed)
+    indices = torch.randperm(p * p)
+    cutoff = int(p * p * frac_train)
+    train_indices, test_indices = indices[:cutoff], indices[cutoff:]
+    train_data, train_labels = dataset[train_indices], labels[train_indices]
+    test_data, test_labels = dataset[test_indices], labels[test_indices]
+    cfg = HookedTransformerConfig(**DEMO_MODEL, d_vocab=p + 1, d_vocab_out=p, n_ctx=3,
+                                  init_weights=True, device="cpu", seed=seed)
+    model = HookedTransformer(cfg)
+    for name, param in model.named_parameters():
+        if "b_" in name:
+            param.requires_grad = False
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1.0, betas=(0.9, 0.98))
+    train_losses, test_losses, checkpoint_epochs, model_checkpoints = [], [], [], []
+    for epoch in range(num_epochs):
+        train_logits = model(train_data)
+        train_loss = loss_fn(train_logits, train_labels)
+        train_loss.backward()
+        train_losses.append(train_loss.item())
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.inference_mode():
+            test_logits = model(test_data)
+            test_loss = loss_fn(test_logits, test_labels)
+            test_losses.append(test_loss.item())
+        if ((epoch + 1) % checkpoint_every) == 0:
+            checkpoint_epochs.append(epoch)
+            model_checkpoints.append(copy.deepcopy(model.state_dict()))
+    return {"model": model.state_dict(), "checkpoints": model_checkpoints, "checkpoint_epochs": checkpoint_epochs,
+            "train_losses": train_losses, "test_losses": test_losses,
+            "train_indices": train_indices, "test_indices": test_indices}
+
+
+def test_training_equals_the_demo_loop_bit_for_bit(tmp_path):
+    torch.set_num_threads(1)
+    demo = demo_loop(p=11, frac_train=0.3, num_epochs=12, checkpoint_every=4, seed=999)
+    config = validate_config({
+        "model_name": "demo", "primes": [11], "seeds": [999], "model": DEMO_MODEL,
+        "training": {"frac_train": 0.3, "num_epochs": 12, "checkpoint_every": 4},
+    })
+    run = tmp_path / "demo_p11_seed999"
+    meta = train(grid(config)[0], run, threads=1, progress_bar=False)
+    assert meta["train_losses"] == demo["train_losses"]
+    assert meta["test_losses"] == demo["test_losses"]
+    assert meta["checkpoint_epochs"] == demo["checkpoint_epochs"] == [3, 7, 11]
+    assert meta["train_indices"] == demo["train_indices"].tolist()
+    assert meta["test_indices"] == demo["test_indices"].tolist()
+    for epoch, expected in zip(demo["checkpoint_epochs"], demo["checkpoints"]):
+        ours = grokpipe.load_state_dict(run, epoch)
+        assert ours.keys() == expected.keys()
+        assert all(torch.equal(ours[k], expected[k]) for k in expected), f"epoch {epoch} differs"
+    final = grokpipe.load_state_dict(run)
+    assert all(torch.equal(final[k], demo["model"][k]) for k in final)
+
+
+def test_same_seed_gives_identical_weights_and_other_seed_does_not(tmp_path):
+    a = train(spec_for(seed=3), tmp_path / "a" / "tiny_p7_seed3", progress_bar=False)
+    b = train(spec_for(seed=3), tmp_path / "b" / "tiny_p7_seed3", progress_bar=False)
+    c = train(spec_for(seed=4), tmp_path / "c" / "tiny_p7_seed4", progress_bar=False)
+    assert a["train_losses"] == b["train_losses"] and a["test_losses"] == b["test_losses"]
+    wa = grokpipe.load_state_dict(tmp_path / "a" / "tiny_p7_seed3")
+    wb = grokpipe.load_state_dict(tmp_path / "b" / "tiny_p7_seed3")
+    wc = grokpipe.load_state_dict(tmp_path / "c" / "tiny_p7_seed4")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not torch.equal(wa["embed.W_E"], wc["embed.W_E"])
+    for rel in a["files"]:  # same content; header byte order may differ (safetensors hash-map order)
+        assert read_metadata(tmp_path / "a" / "tiny_p7_seed3" / rel) == read_metadata(tmp_path / "b" / "tiny_p7_seed3" / rel)
+
+
+def test_recorded_test_loss_recomputes_from_checkpoint_weights(tmp_path):
+    spec = spec_for(prime=7, num_epochs=25, checkpoint_every=5)
+    run = tmp_path / spec.run_name
+    meta = train(spec, run, progress_bar=False)
+    split = make_split(7, spec.training.frac_train, spec.training.data_seed)
+    for epoch in meta["checkpoint_epochs"]:
+        model = grokpipe.load_model(run, epoch=epoch)
+        with torch.inference_mode():
+            loss = loss_fn(model(split.test_tokens), split.test_labels).item()
+        assert loss == meta["test_losses"][epoch]
+
+
+def test_no_checkpoint_is_retained_in_memory(tmp_path, monkeypatch):
+    """Live tensors and bytes objects stay level however many checkpoints have been written."""
+    counts = []
+    original_save = resume.save
+
+    def counting_save(*args, **kwargs):
+        gc.collect()
+        counts.append(sum(1 for o in gc.get_objects() if type(o) in (torch.Tensor, torch.nn.Parameter)))
+        return original_save(*args, **kwargs)
+
+    monkeypatch.setattr(resume, "save", counting_save)
+    spec = spec_for(prime=5, num_epochs=60, checkpoint_every=2)
+    train(spec, tmp_path / spec.run_name, progress_bar=False)
+    assert len(counts) == 30
+    # A list of state_dict copies would add ~20 tensors per checkpoint; allow no growth at all.
+    assert max(counts[2:]) == min(counts[2:]), counts
+
+
+def test_run_layout_and_metadata(tmp_path):
+    spec = spec_for(prime=5, num_epochs=25, checkpoint_every=10)
+    run = tmp_path / spec.run_name
+    meta = train(spec, run, progress_bar=False, grokking_threshold=0.5)
+    layout = RunLayout(run)
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["artifacts", "checkpoints", "resume", "config.json", "metadata.json", "tiny_p5_seed0.safetensors"])
+    assert [p.name for p in sorted(layout.checkpoints_dir.iterdir())] == [
+        "checkpoint_epoch_00009.safetensors", "checkpoint_epoch_00019.safetensors"]
+    on_disk = json.loads(layout.metadata.read_text())
+    assert on_disk == meta
+    assert len(meta["train_losses"]) == len(meta["test_losses"]) == 25
+    assert meta["grokking_epoch"] == grokking_epoch(meta["test_losses"], 0.5)
+    assert set(meta["files"]) == {"checkpoints/checkpoint_epoch_00009.safetensors",
+                                  "checkpoints/checkpoint_epoch_00019.safetensors", "tiny_p5_seed0.safetensors"}
+    config = json.loads(layout.config.read_text())
+    hooked = config["hooked_transformer_config"]
+    assert hooked["dtype"] == "float32" and hooked["d_vocab"] == 6 and hooked["d_vocab_out"] == 5
+    assert hooked["n_ctx"] == 3 and hooked["seed"] == 0
+    assert config["training"]["checkpoint_every"] == 10
+
+
+def test_grokking_epoch():
+    assert grokking_epoch([3.0, 0.5, 0.009, 0.001], 0.01) == 2
+    assert grokking_epoch([3.0, 0.5], 0.01) is None

@@ -1,0 +1,123 @@
+"""The real workflow on a tiny grid: layout, strict TransformerLens loads, rerun behaviour."""
+
+import json
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer
+
+import grokpipe
+from grokpipe.safetensors_io import read_metadata
+
+from conftest import run_dir_of, snakemake, tiny_config, write_config
+
+GRID = [(5, 0), (5, 1), (7, 0), (7, 1)]
+
+
+def jobs_planned(proc) -> dict:
+    """Job counts from a dry run's 'Job stats' table."""
+    counts, in_table = {}, False
+    for line in proc.stdout.splitlines():
+        if line.startswith("job") and "count" in line:
+            in_table = True
+            continue
+        if in_table:
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit():
+                counts[parts[0]] = int(parts[1])
+            elif counts:
+                break
+    return counts
+
+
+@pytest.mark.parametrize("prime,seed", GRID)
+def test_grid_layout(trained_grid, prime, seed):
+    run = run_dir_of(trained_grid["workdir"], prime, seed)
+    name = f"tiny_p{prime}_seed{seed}"
+    assert (run / f"{name}.safetensors").is_file()
+    assert (run / "artifacts").is_dir()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "checkpoint_epoch_00009.safetensors", "checkpoint_epoch_00019.safetensors",
+        "checkpoint_epoch_00029.safetensors"]
+    meta = json.loads((run / "metadata.json").read_text())
+    for key in ("train_losses", "test_losses", "train_indices", "test_indices", "checkpoint_epochs",
+                "grokking_epoch", "grokking_threshold", "files", "config_hash"):
+        assert key in meta, key
+    assert len(meta["train_losses"]) == len(meta["test_losses"]) == 30
+    assert sorted(meta["train_indices"] + meta["test_indices"]) == list(range(prime * prime))
+    config = json.loads((run / "config.json").read_text())
+    assert config["prime"] == prime and config["seed"] == seed
+    assert config["hooked_transformer_config"]["d_vocab"] == prime + 1
+    assert (trained_grid["workdir"] / "logs" / "tiny" / "train" / f"{name}.log").is_file()
+
+
+@pytest.mark.parametrize("prime,seed", GRID)
+def test_every_checkpoint_loads_strictly_into_hooked_transformer(trained_grid, prime, seed):
+    run = run_dir_of(trained_grid["workdir"], prime, seed)
+    assert grokpipe.list_epochs(run) == [9, 19, 29]
+    for epoch in [*grokpipe.list_epochs(run), None]:
+        model = grokpipe.load_model(run, epoch=epoch)
+        assert isinstance(model, HookedTransformer)
+        file = grokpipe.checkpoint_path(run, epoch)
+        on_disk = grokpipe.load_state_dict(file)
+        loaded = model.state_dict()
+        assert loaded.keys() == on_disk.keys()
+        assert all(torch.equal(loaded[k], on_disk[k]) for k in on_disk)
+        header = read_metadata(file)
+        assert header["format"] == "pt"
+        assert header["prime"] == str(prime) and header["seed"] == str(seed)
+        assert header["model_name"] == "tiny"
+        assert header["epoch"] == str(29 if epoch is None else epoch)
+        assert {"grokpipe_version", "config_hash"} <= header.keys()
+
+
+def test_final_model_equals_last_checkpoint_weights(trained_grid):
+    run = run_dir_of(trained_grid["workdir"], 7, 1)
+    final, last = grokpipe.load_state_dict(run), grokpipe.load_state_dict(run, 29)
+    assert all(torch.equal(final[k], last[k]) for k in final)
+
+
+def test_log_has_progress_and_losses(trained_grid):
+    log = (trained_grid["workdir"] / "logs" / "tiny" / "train" / "tiny_p5_seed0.log").read_text()
+    assert "epoch 29 train_loss" in log and "test_loss" in log
+    assert "30/30" in log  # tqdm progress
+
+
+def test_rerun_with_nothing_changed_does_nothing(trained_grid):
+    proc = snakemake(trained_grid["workdir"], "-n", "--cores", "1", configfile=trained_grid["configfile"])
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_changed_hyperparameter_reruns_affected_runs(trained_grid, tmp_path):
+    configfile = write_config(tmp_path / "lr.yaml", tiny_config(training={"lr": 0.002}))
+    proc = snakemake(trained_grid["workdir"], "-n", "--cores", "1", configfile=configfile)
+    assert jobs_planned(proc).get("train") == 4
+
+
+def test_added_seed_trains_only_new_runs(trained_grid, tmp_path):
+    configfile = write_config(tmp_path / "seeds.yaml", tiny_config(seeds=[0, 1, 2]))
+    proc = snakemake(trained_grid["workdir"], "-n", "--cores", "1", configfile=configfile)
+    assert jobs_planned(proc).get("train") == 2
+    assert "tiny_p5_seed2" in proc.stdout and "tiny_p7_seed2" in proc.stdout
+    train_outputs = [line for line in proc.stdout.splitlines() if line.strip().startswith("output:")]
+    assert not [line for line in train_outputs if "_seed0/" in line or "_seed1/" in line]
+
+
+def test_any_run_can_be_requested_by_path(trained_grid):
+    target = "results/tiny/tiny_p11_seed4/metadata.json"
+    proc = snakemake(trained_grid["workdir"], "-n", "--cores", "1", target, configfile=trained_grid["configfile"])
+    assert jobs_planned(proc).get("train") == 1
+    bad = snakemake(trained_grid["workdir"], "-n", "--cores", "1", "results/tiny/tiny_p9_seed0/metadata.json",
+                    configfile=trained_grid["configfile"], check=False)
+    assert bad.returncode != 0 and "p = 9 is not a prime" in bad.stdout + bad.stderr
+
+
+def test_lint_is_clean():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Congratulations" in proc.stdout + proc.stderr or "Lints for" not in proc.stdout + proc.stderr

@@ -1,0 +1,51 @@
+# Shared helpers: config validation, paths and the per-run spec handed to `grokpipe train`.
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from grokpipe.config import ConfigError, check_semantics, describe_validation_failure
+from grokpipe.errors import GrokpipeError
+from grokpipe.workflow import train_spec_json, use_this_interpreter_for_jobs
+
+# Schema (filling defaults) via snakemake.utils.validate, then what a schema cannot say (primality,
+# non-empty splits); either failure is one line naming the key, before any job is scheduled.
+try:
+    validate(config, schema="../schemas/config.schema.yaml")
+    check_semantics(config, "config")
+except (WorkflowError, ConfigError) as exc:
+    raise WorkflowError(describe_validation_failure(exc, "config")) from None
+
+RESULTS = config["results_dir"]
+RUN = f"{RESULTS}/{{model_name}}/{{model_name}}_p{{prime}}_seed{{seed}}"
+
+# Jobs call the `grokpipe` CLI of the environment running Snakemake (see the function's docstring).
+use_this_interpreter_for_jobs()
+CONDA_ENV = "../envs/grokpipe.yaml"
+
+
+wildcard_constraints:
+    model_name=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+    prime=r"\d+",
+    seed=r"\d+",
+
+
+def run_dir(wildcards):
+    return RUN.format(**wildcards)
+
+
+def train_spec(wildcards):
+    """JSON spec of the requested run; a params value, so changing a hyperparameter reruns it."""
+    try:
+        return train_spec_json(config, wildcards.model_name, wildcards.prime, wildcards.seed)
+    except GrokpipeError as exc:
+        raise WorkflowError(str(exc)) from None
+
+
+def grid_targets():
+    """metadata.json of every (prime, seed) run of the configured grid."""
+    return expand(
+        f"{RUN}/metadata.json",
+        model_name=config["model_name"],
+        prime=config["primes"],
+        seed=config["seeds"],
+    )
