@@ -18,7 +18,7 @@ from .errors import GrokpipeError
 TMP_MARKER = ".tmp-"
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -44,7 +44,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> str:
             os.fsync(fh.fileno())
         os.replace(tmp_name, path)
         tmp_name = None
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise GrokpipeError(f"{path}: write failed ({reason}); nothing was written there") from None

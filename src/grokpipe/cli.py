@@ -78,6 +78,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    convert(args.legacy, args.run_dir, model_name=args.model_name, prime=args.prime, seed=args.seed,
+            grokking_threshold=args.grokking_threshold)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grokpipe", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -95,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grokking-threshold", type=float)
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("convert", help="convert a legacy grokking pickle (.pth) into a run directory, safely")
+    p.add_argument("legacy", help="the legacy torch.save file (read only, through a restricted unpickler)")
+    p.add_argument("run_dir", help="target run directory, named {model_name}_p{prime}_seed{seed}")
+    p.add_argument("--model-name", help="default: from the run directory name")
+    p.add_argument("--prime", type=int, help="default: from the run directory name")
+    p.add_argument("--seed", type=int, help="default: from the run directory name")
+    p.add_argument("--grokking-threshold", type=float, default=0.01)
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

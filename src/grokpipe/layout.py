@@ -39,13 +39,15 @@ def run_dir(results_dir: str | Path, model_name: str, prime: int, seed: int) -> 
 
 @dataclass(frozen=True)
 class RunLayout:
-    """The paths of one run directory."""
+    """The paths of one run directory (``run_name`` defaults to the directory's own name; a
+    staging directory that will be renamed into place passes the final one)."""
 
     root: Path
+    run_name: str | None = None
 
     @property
     def name(self) -> str:
-        return self.root.name
+        return self.run_name or self.root.name
 
     @property
     def final_model(self) -> Path:

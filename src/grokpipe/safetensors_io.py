@@ -15,19 +15,27 @@ from .config import RunSpec
 from .errors import GrokpipeError
 
 
-def provenance(spec: RunSpec, epoch: int, kind: str, hooked_config: dict, source: str = "trained") -> dict[str, str]:
-    """Header metadata of a model file. Values must be strings (safetensors' rule);
-    ``format=pt`` is what Hugging Face loaders require."""
+def provenance(spec: RunSpec, epoch: int, kind: str, hooked_config: dict) -> dict[str, str]:
+    """Header metadata of a trained model file."""
+    return header(spec.model_name, spec.prime, spec.seed, spec.config_hash, epoch, kind, hooked_config)
+
+
+def header(
+    model_name: str, prime: int, seed: int, config_hash: str, epoch: int, kind: str, hooked_config: dict,
+    source: str = "trained",
+) -> dict[str, str]:
+    """String-only ``__metadata__`` of a model file (safetensors' rule); ``format=pt`` is what
+    Hugging Face loaders require."""
     return {
         "format": "pt",
         "kind": kind,  # "checkpoint" or "final"
         "epoch": str(epoch),
-        "prime": str(spec.prime),
-        "seed": str(spec.seed),
-        "model_name": spec.model_name,
+        "prime": str(prime),
+        "seed": str(seed),
+        "model_name": model_name,
         "grokpipe_version": __version__,
-        "config_hash": spec.config_hash,
-        "source": source,
+        "config_hash": config_hash,
+        "source": source,  # "trained" or "converted"
         # The model config travels with every file, so one file alone rebuilds its HookedTransformer.
         "hooked_config": json.dumps(hooked_config, sort_keys=True),
     }

@@ -5,6 +5,7 @@ from snakemake.utils import validate
 
 from grokpipe.config import ConfigError, check_semantics, describe_validation_failure
 from grokpipe.errors import GrokpipeError
+from grokpipe.layout import RUN_DIR_RE
 from grokpipe.workflow import train_spec_json, use_this_interpreter_for_jobs
 
 # Schema (filling defaults) via snakemake.utils.validate, then what a schema cannot say (primality,
@@ -17,6 +18,7 @@ except (WorkflowError, ConfigError) as exc:
 
 RESULTS = config["results_dir"]
 RUN = f"{RESULTS}/{{model_name}}/{{model_name}}_p{{prime}}_seed{{seed}}"
+LEGACY = config["legacy_dir"]
 
 # Jobs call the `grokpipe` CLI of the environment running Snakemake (see the function's docstring).
 use_this_interpreter_for_jobs()
@@ -41,11 +43,24 @@ def train_spec(wildcards):
         raise WorkflowError(str(exc)) from None
 
 
+def legacy_runs():
+    """(model_name, prime, seed) of every legacy pickle placed under legacy_dir."""
+    found = glob_wildcards(f"{LEGACY}/{{model_name}}/{{name}}.pth")
+    runs = []
+    for model_name, name in zip(found.model_name, found.name):
+        parsed = RUN_DIR_RE.match(name)
+        if parsed and parsed["model_name"] == model_name:
+            runs.append((model_name, parsed["prime"], parsed["seed"]))
+    return runs
+
+
 def grid_targets():
-    """metadata.json of every (prime, seed) run of the configured grid."""
-    return expand(
+    """metadata.json of every (prime, seed) run of the configured grid, and of every legacy pickle."""
+    grid = expand(
         f"{RUN}/metadata.json",
         model_name=config["model_name"],
         prime=config["primes"],
         seed=config["seeds"],
     )
+    legacy = [f"{RUN.format(model_name=m, prime=p, seed=s)}/metadata.json" for m, p, s in legacy_runs()]
+    return sorted(set(grid + legacy))

@@ -1,0 +1,179 @@
+"""Converting a legacy grokking pickle into grokpipe's run layout.
+
+The result has exactly the layout of a trained run: one safetensors file per embedded checkpoint
+(the pickle's own epoch labels, which follow the demo's convention like ours), the final model,
+``metadata.json`` and ``config.json``. Everything is written to a hidden staging directory beside
+the target and moved into place only after every tensor was re-read and compared with the original
+(as safetensors' own convert.py does), so a failure leaves nothing half-written. The legacy file is
+only ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ._version import __version__
+from .atomic import fsync_dir, sha256_file, write_json_atomic
+from .config import canonical_json, run_name
+from .errors import GrokpipeError
+from .layout import RUN_DIR_RE, RunLayout
+from .legacy import LegacyRun, hooked_config_from_legacy, normalize_buffers, read_legacy
+from .safetensors_io import header, read_tensors, write_model_file
+from .train import EPOCH_CONVENTION, METADATA_FORMAT_VERSION, grokking_epoch
+
+log = logging.getLogger(__name__)
+
+
+def _checkpoint_every(epochs: list[int]) -> int | None:
+    """The demo's cadence k if every label satisfies (e + 1) % k == 0 with a constant step k."""
+    if not epochs:
+        return None
+    k = epochs[0] + 1
+    ok = all(e == (i + 1) * k - 1 for i, e in enumerate(sorted(epochs)))
+    return k if ok else None
+
+
+def _check_strict_load(path: Path, hooked: dict, state: dict[str, torch.Tensor]) -> None:
+    from .model import config_from_json, empty_model
+
+    model = empty_model(config_from_json(hooked))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise GrokpipeError(f"{path}: its weights do not fit its own config ({exc}); nothing was written") from None
+
+
+def _write_verified(path: Path, state: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    digest = write_model_file(path, state, meta)
+    back = read_tensors(path)
+    if back.keys() != state.keys():
+        raise GrokpipeError(f"{path}: conversion check failed: tensor names differ after writing")
+    for name, tensor in state.items():
+        if back[name].dtype != tensor.dtype or not torch.equal(back[name], tensor):
+            raise GrokpipeError(f"{path}: conversion check failed: tensor {name} differs after writing")
+    return digest
+
+
+def convert(
+    legacy_path: str | Path,
+    run_dir: str | Path,
+    *,
+    model_name: str | None = None,
+    prime: int | None = None,
+    seed: int | None = None,
+    grokking_threshold: float = 0.01,
+) -> dict:
+    """Convert ``legacy_path`` into ``run_dir``; returns the metadata written.
+
+    Model name, prime and seed come from the run directory's name when it follows
+    ``{model_name}_p{prime}_seed{seed}``, else from the arguments or the pickled config.
+    """
+    legacy_path, run_dir = Path(legacy_path), Path(run_dir)
+    run = read_legacy(legacy_path)
+    named = RUN_DIR_RE.match(run_dir.name)
+    model_name = model_name or (named and named["model_name"]) or "grokking"
+    prime = prime if prime is not None else (int(named["prime"]) if named else run.prime)
+    seed = seed if seed is not None else (int(named["seed"]) if named else int(run.config.get("seed") or 0))
+    if prime != run.prime:
+        raise GrokpipeError(f"{legacy_path}: holds a p = {run.prime} model (d_vocab_out), not p = {prime}")
+    if run_dir.name != run_name(model_name, prime, seed):
+        raise GrokpipeError(f"{run_dir}: a run directory must be named {run_name(model_name, prime, seed)}")
+
+    hooked = hooked_config_from_legacy(run.config)
+    n_ctx = int(hooked.get("n_ctx", 3))
+    final_state, normalized = normalize_buffers(run.model, n_ctx)
+    _check_strict_load(legacy_path, hooked, final_state)
+
+    legacy_sha = sha256_file(legacy_path)
+    config_hash = hashlib.sha256(canonical_json({"hooked": hooked, "legacy_sha256": legacy_sha}).encode()).hexdigest()
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.converting-", dir=run_dir.parent))
+    try:
+        metadata = _write_run(run, RunLayout(staging, run_dir.name), model_name, prime, seed, hooked, config_hash, legacy_sha,
+                              normalized, grokking_threshold)
+        _move_into_place(staging, run_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("converted %s -> %s (%d checkpoints)", legacy_path, run_dir, len(run.checkpoints))
+    return metadata
+
+
+def _write_run(run: LegacyRun, layout: RunLayout, model_name, prime, seed, hooked, config_hash, legacy_sha,
+               normalized, threshold) -> dict:
+    n_ctx = int(hooked.get("n_ctx", 3))
+    layout.checkpoints_dir.mkdir(parents=True)
+    layout.artifacts_dir.mkdir()
+    files = {}
+    for epoch, state in sorted(zip(run.checkpoint_epochs, run.checkpoints), key=lambda pair: pair[0]):
+        state, _ = normalize_buffers(state, n_ctx)
+        meta = header(model_name, prime, seed, config_hash, epoch, "checkpoint", hooked, source="converted")
+        files[layout.relative(layout.checkpoint(epoch))] = _write_verified(layout.checkpoint(epoch), state, meta)
+    num_epochs = len(run.train_losses)
+    final_state, _ = normalize_buffers(run.model, n_ctx)
+    final_meta = header(model_name, prime, seed, config_hash, num_epochs - 1, "final", hooked, source="converted")
+    files[layout.relative(layout.final_model)] = _write_verified(layout.final_model, final_state, final_meta)
+
+    every = _checkpoint_every(run.checkpoint_epochs)
+    training = {
+        "num_epochs": num_epochs,
+        "checkpoint_every": every,
+        "frac_train": len(run.train_indices) / (prime * prime),
+    }
+    write_json_atomic(layout.config, {
+        "model_name": model_name,
+        "prime": prime,
+        "seed": seed,
+        "source": "converted",
+        "training": training,  # what the pickle records; lr, weight decay and betas it does not
+        "hooked_transformer_config": hooked,
+        "config_hash": config_hash,
+        "grokpipe_version": __version__,
+    })
+    metadata = {
+        "format_version": METADATA_FORMAT_VERSION,
+        "source": "converted",
+        "legacy_file": str(run.path),
+        "legacy_sha256": legacy_sha,
+        "normalized_buffers": normalized,
+        "model_name": model_name,
+        "prime": prime,
+        "seed": seed,
+        "num_epochs": num_epochs,
+        "checkpoint_every": every,
+        "epoch_convention": EPOCH_CONVENTION,
+        "checkpoint_epochs": sorted(run.checkpoint_epochs),
+        "final_epoch": num_epochs - 1,
+        "train_losses": run.train_losses,
+        "test_losses": run.test_losses,
+        "final_train_loss": run.train_losses[-1] if run.train_losses else None,
+        "final_test_loss": run.test_losses[-1] if run.test_losses else None,
+        "grokking_threshold": threshold,
+        "grokking_epoch": grokking_epoch(run.test_losses, threshold),
+        "train_indices": run.train_indices.tolist(),
+        "test_indices": run.test_indices.tolist(),
+        "config_hash": config_hash,
+        "files": dict(sorted(files.items())),
+        "environment": {"grokpipe": __version__, "torch": torch.__version__},
+    }
+    write_json_atomic(layout.metadata, metadata)
+    return metadata
+
+
+def _move_into_place(staging: Path, run_dir: Path) -> None:
+    """Rename the finished staging directory to ``run_dir``; an existing run there is replaced."""
+    if run_dir.exists():
+        if any(run_dir.iterdir()):
+            log.warning("%s existed and is replaced by the conversion", run_dir)
+        aside = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.replaced-", dir=run_dir.parent))
+        run_dir.rename(aside / run_dir.name)
+        staging.rename(run_dir)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        staging.rename(run_dir)
+    fsync_dir(run_dir.parent)

@@ -1,0 +1,248 @@
+"""Reading legacy grokking pickles (the TransformerLens demo's ``torch.save`` files), safely.
+
+The demo saved one dict::
+
+    {"model": state_dict, "config": model.cfg, "checkpoints": [state_dict, ...],
+     "checkpoint_epochs": [99, 199, ...], "test_losses": [...], "train_losses": [...],
+     "train_indices": LongTensor, "test_indices": LongTensor}
+
+Files are read only through torch's weights-only unpickler (``torch.load(weights_only=True)``),
+extended by an explicit allowlist that maps the pickled HookedTransformerConfig class, under each
+path TransformerLens has used, to :class:`LegacyConfig`, a plain data holder. Nothing else is
+allowed: a file naming any other global (``os.system``, ``builtins.exec``, ...) is refused before
+anything runs. TransformerLens is never imported here, and tensors saved on a GPU load on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import GrokpipeError
+
+log = logging.getLogger(__name__)
+
+# Where TransformerLens versions pickled their config class from.
+CONFIG_CLASS_PATHS = (
+    "transformer_lens.HookedTransformerConfig.HookedTransformerConfig",  # TL 1.x / 2.x
+    "transformer_lens.config.hooked_transformer_config.HookedTransformerConfig",  # TL 3.x
+    "transformer_lens.config.HookedTransformerConfig.HookedTransformerConfig",
+)
+REQUIRED_KEYS = ("model", "config", "checkpoints", "checkpoint_epochs", "test_losses", "train_losses",
+                 "train_indices", "test_indices")
+
+
+class LegacyConfig:
+    """Stand-in for a pickled HookedTransformerConfig: keeps its fields as a plain dict."""
+
+    def __init__(self, *args, **kwargs):
+        self.fields = {}
+
+    def __setstate__(self, state):
+        # Pickle's BUILD hands over the instance __dict__ (possibly with a slot-state tuple).
+        if isinstance(state, tuple) and len(state) == 2:
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if not isinstance(state, dict):
+            raise TypeError(f"unexpected config state of type {type(state).__name__}")
+        self.fields = dict(state)
+
+
+def _numpy_allowlist() -> list:
+    """numpy scalars (TransformerLens computes e.g. ``attn_scale`` with ``np.sqrt``) pickle through
+    ``multiarray.scalar(dtype, bytes)``, which only rebuilds a number; allowed under the numpy 1.x and
+    2.x paths, with ``numpy.dtype`` and the numeric dtype classes it needs."""
+    try:
+        import numpy as np
+    except ImportError:  # files without numpy scalars still load
+        return []
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    entries = [(scalar, "numpy._core.multiarray.scalar"), (scalar, "numpy.core.multiarray.scalar"),
+               (np.dtype, "numpy.dtype")]
+    for code in "?bBhHiIlLqQefdgFD":
+        cls = type(np.dtype(code))
+        entries.append((cls, f"numpy.dtypes.{cls.__name__}"))
+    return entries
+
+
+def _allowlist():
+    return [(LegacyConfig, path) for path in CONFIG_CLASS_PATHS] + _numpy_allowlist()
+
+
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+_CALL_RE = re.compile(r"unrecognized function (.+?)(?: which belongs|$)")
+
+
+def _refusal(path: Path, exc: Exception) -> GrokpipeError:
+    text = str(exc)
+    named = _GLOBAL_RE.search(text)
+    if named:
+        return GrokpipeError(
+            f"{path}: refused: the pickle names global {named.group(1)}, which is not on grokpipe's allowlist "
+            "(tensors, containers and the HookedTransformerConfig class); nothing from it was run or written"
+        )
+    called = _CALL_RE.search(text)
+    if called:
+        return GrokpipeError(f"{path}: refused: the pickle calls {called.group(1)}; nothing from it was run or written")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return GrokpipeError(f"{path}: not a readable PyTorch pickle ({first})")
+
+
+def safe_load(path: str | Path):
+    """Unpickle ``path`` with the restricted loader, every tensor on CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise GrokpipeError(f"{path}: no such file")
+    try:
+        with torch.serialization.safe_globals(_allowlist()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights-only unpickling cannot run code, so any failure is a bad file
+        raise _refusal(path, exc) from None
+
+
+@dataclass
+class LegacyRun:
+    """A legacy pickle's content as plain data."""
+
+    path: Path
+    model: dict[str, torch.Tensor]
+    config: dict
+    checkpoints: list[dict[str, torch.Tensor]]
+    checkpoint_epochs: list[int]
+    train_losses: list[float]
+    test_losses: list[float]
+    train_indices: torch.Tensor
+    test_indices: torch.Tensor
+
+    @property
+    def prime(self) -> int:
+        return int(self.config["d_vocab_out"])
+
+
+def _state_dict(path: Path, value, what: str) -> dict[str, torch.Tensor]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in value.items()):
+        raise GrokpipeError(f"{path}: {what} is not a state dict of tensors")
+    return dict(value)
+
+
+def _floats(path: Path, value, what: str) -> list[float]:
+    if torch.is_tensor(value):
+        value = value.tolist()
+    try:
+        return [float(x.item() if torch.is_tensor(x) else x) for x in value]
+    except (TypeError, ValueError):
+        raise GrokpipeError(f"{path}: {what} is not a list of numbers") from None
+
+
+def read_legacy(path: str | Path) -> LegacyRun:
+    """Read and sanity-check a legacy grokking pickle (read-only; the file is never modified)."""
+    path = Path(path)
+    data = safe_load(path)
+    if not isinstance(data, dict):
+        raise GrokpipeError(f"{path}: expected the grokking demo's dict, got {type(data).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise GrokpipeError(f"{path}: not a grokking run: missing key(s) {', '.join(missing)}")
+    config = data["config"]
+    if isinstance(config, LegacyConfig):
+        config = config.fields
+    if not isinstance(config, dict):
+        raise GrokpipeError(f"{path}: 'config' is a {type(config).__name__}, not a HookedTransformerConfig or dict")
+    for key in ("d_vocab_out", "d_model", "n_layers"):
+        if key not in config:
+            raise GrokpipeError(f"{path}: config has no '{key}'")
+    checkpoints = data["checkpoints"]
+    if not isinstance(checkpoints, (list, tuple)):
+        raise GrokpipeError(f"{path}: 'checkpoints' is not a list")
+    epochs = [int(e) for e in _floats(path, data["checkpoint_epochs"], "'checkpoint_epochs'")]
+    if len(epochs) != len(checkpoints):
+        raise GrokpipeError(f"{path}: {len(checkpoints)} checkpoints but {len(epochs)} checkpoint_epochs")
+    if len(set(epochs)) != len(epochs):
+        raise GrokpipeError(f"{path}: checkpoint_epochs has duplicates")
+    indices = {}
+    for key in ("train_indices", "test_indices"):
+        value = data[key]
+        indices[key] = value.to(torch.long) if torch.is_tensor(value) else torch.tensor(list(value), dtype=torch.long)
+    return LegacyRun(
+        path=path,
+        model=_state_dict(path, data["model"], "'model'"),
+        config=dict(config),
+        checkpoints=[_state_dict(path, c, f"checkpoint {i}") for i, c in enumerate(checkpoints)],
+        checkpoint_epochs=epochs,
+        train_losses=_floats(path, data["train_losses"], "'train_losses'"),
+        test_losses=_floats(path, data["test_losses"], "'test_losses'"),
+        train_indices=indices["train_indices"],
+        test_indices=indices["test_indices"],
+    )
+
+
+def hooked_config_from_legacy(config: dict) -> dict:
+    """JSON-ready HookedTransformerConfig fields of a legacy config (dtype as a string, on CPU)."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, torch.dtype):
+            value = str(value).removeprefix("torch.")
+        elif isinstance(value, torch.device):
+            value = str(value)
+        elif type(value).__module__ == "numpy" and hasattr(value, "item"):
+            value = value.item()  # numpy scalar -> plain number
+        out[key] = value
+    out["device"] = "cpu"  # trained on a GPU or not, a converted run loads on CPU
+    out["n_devices"] = 1
+    return out
+
+
+def normalize_buffers(state_dict: dict[str, torch.Tensor], n_ctx: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Adapt TransformerLens 2.x buffers to 3.x: the causal ``attn.mask`` became a (0, 0) placeholder
+    (3.x builds the mask at forward time). Only an exact lower-triangular mask is replaced;
+    anything else is refused rather than silently changed."""
+    out, changed = dict(state_dict), []
+    causal = torch.tril(torch.ones(n_ctx, n_ctx, dtype=torch.bool))
+    for name, tensor in state_dict.items():
+        if name.endswith("attn.mask") and tensor.shape != (0, 0):
+            if tensor.dtype != torch.bool or tensor.shape != causal.shape or not torch.equal(tensor, causal):
+                raise GrokpipeError(f"{name} is not the causal mask of n_ctx={n_ctx}; refusing to convert it")
+            out[name] = torch.empty((0, 0), dtype=torch.bool)
+            changed.append(name)
+    return out, changed
+
+
+def _epoch_state(run: LegacyRun, epoch: int | None) -> dict[str, torch.Tensor]:
+    if epoch is None:
+        return run.model
+    if int(epoch) not in run.checkpoint_epochs:
+        raise GrokpipeError(f"{run.path}: no checkpoint for epoch {epoch}; it holds {len(run.checkpoint_epochs)} "
+                            f"checkpoints from epoch {min(run.checkpoint_epochs, default='-')}")
+    return run.checkpoints[run.checkpoint_epochs.index(int(epoch))]
+
+
+def legacy_state_dict(path: str | Path, epoch: int | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of one epoch of a legacy pickle (``None``: the final model), read through the safe loader."""
+    return _epoch_state(read_legacy(path), epoch)
+
+
+def legacy_model(path: str | Path, epoch: int | None = None, device: str = "cpu"):
+    """A HookedTransformer from a legacy pickle (read-only). Converting once is faster and safer."""
+    from .model import config_from_json, empty_model
+
+    warnings.warn(
+        f"loading legacy pickle {path}: every load unpickles the whole file; convert it once with "
+        f"`grokpipe convert {path} RUN_DIR` and load the safetensors run instead",
+        UserWarning,
+        stacklevel=3,
+    )
+    run = read_legacy(path)
+    hooked = hooked_config_from_legacy(run.config)
+    state, _ = normalize_buffers(_epoch_state(run, epoch), int(hooked.get("n_ctx", 3)))
+    model = empty_model(config_from_json(hooked, device=device))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise GrokpipeError(f"{path}: weights do not fit its config ({exc})") from None
+    return model.eval()

@@ -1,0 +1,176 @@
+"""Legacy pickles: safe reading, faithful conversion, hostile and broken files refused."""
+
+import builtins
+import collections
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer
+
+import grokpipe
+from grokpipe.convert import convert
+from grokpipe.errors import GrokpipeError
+from grokpipe.legacy import read_legacy, safe_load
+from grokpipe.safetensors_io import read_metadata
+
+from conftest import grokpipe_cli, run_dir_of, snakemake, tiny_config, write_config
+from legacy_fixtures import Payload, save_legacy, train_demo
+
+
+@pytest.fixture(scope="module")
+def demo_run():
+    return train_demo()
+
+
+@pytest.fixture(scope="module")
+def legacy_files(demo_run, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("legacy")
+    return {style: save_legacy(demo_run, folder / f"{style}.pth", style=style.split("-")[0], cuda="cuda" in style)
+            for style in ("tl2", "tl3", "dict", "tl2-cuda")}
+
+
+@pytest.mark.parametrize("style", ["tl2", "tl3", "dict", "tl2-cuda"])
+def test_conversion_is_faithful(demo_run, legacy_files, tmp_path, style):
+    legacy = legacy_files[style]
+    before = (legacy.stat().st_mtime_ns, legacy.read_bytes())
+    run = tmp_path / "grokking_p11_seed999"
+    meta = convert(legacy, run)
+    assert (legacy.stat().st_mtime_ns, legacy.read_bytes()) == before, "the legacy file must not change"
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["artifacts", "checkpoints", "config.json", "metadata.json", "grokking_p11_seed999.safetensors"])
+    assert grokpipe.list_epochs(run) == demo_run["checkpoint_epochs"] == [3, 7, 11]
+    for epoch, original in zip(demo_run["checkpoint_epochs"], demo_run["checkpoints"]):
+        model = grokpipe.load_model(run, epoch=epoch)
+        assert isinstance(model, HookedTransformer)
+        converted = grokpipe.load_state_dict(run, epoch)
+        for name, tensor in original.items():
+            assert torch.equal(converted[name], tensor), name  # TL 3 mask placeholder round-trips too
+        assert read_metadata(grokpipe.checkpoint_path(run, epoch))["source"] == "converted"
+    final = grokpipe.load_state_dict(run)
+    assert all(torch.equal(final[k], v) for k, v in demo_run["model"].items())
+    assert meta["train_losses"] == demo_run["train_losses"] and meta["test_losses"] == demo_run["test_losses"]
+    assert meta["train_indices"] == demo_run["train_indices"].tolist()
+    assert meta["checkpoint_every"] == 4 and meta["source"] == "converted"
+    assert meta["normalized_buffers"] == (["blocks.0.attn.mask"] if style.startswith("tl2") else [])
+    config = grokpipe.load_config(run)
+    assert config["hooked_transformer_config"]["device"] == "cpu"
+    assert config["hooked_transformer_config"]["d_vocab_out"] == 11
+
+
+def test_reader_needs_no_transformer_lens(legacy_files):
+    code = (
+        "import sys; sys.modules['transformer_lens'] = None\n"
+        "from grokpipe.legacy import read_legacy\n"
+        f"run = read_legacy({str(legacy_files['tl2-cuda'])!r})\n"
+        "assert 'transformer_lens' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "print(run.prime, run.config['device'], run.model['embed.W_E'].device)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["11", "cuda", "cpu"]
+
+
+def test_cuda_saved_file_needs_map_location(legacy_files):
+    """The fixture really records cuda storages: a plain load on this CPU machine fails."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        with torch.serialization.safe_globals([]):
+            torch.load(legacy_files["dict"].with_name("tl2-cuda.pth"), weights_only=False)
+
+
+def test_load_model_accepts_legacy_file_with_a_warning(demo_run, legacy_files):
+    with pytest.warns(UserWarning, match="grokpipe convert"):
+        model = grokpipe.load_model(legacy_files["tl2"], epoch=7)
+    assert torch.equal(model.state_dict()["embed.W_E"], demo_run["checkpoints"][1]["embed.W_E"])
+    assert torch.equal(grokpipe.load_state_dict(legacy_files["dict"])["unembed.W_U"], demo_run["model"]["unembed.W_U"])
+
+
+HOSTILE = {
+    "os.system": lambda marker: Payload(os.system, f"touch {marker}"),
+    "builtins.eval": lambda marker: Payload(builtins.eval, f"open({str(marker)!r}, 'w')"),
+    "builtins.exec": lambda marker: Payload(builtins.exec, f"open({str(marker)!r}, 'w')"),
+    "subprocess.call": lambda marker: Payload(subprocess.call, ["touch", str(marker)]),
+    # an allowlisted outer call (OrderedDict) whose argument is itself a malicious reduce
+    "nested-reduce": lambda marker: Payload(collections.OrderedDict,
+                                            Payload(builtins.exec, f"open({str(marker)!r}, 'w')")),
+}
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE))
+@pytest.mark.parametrize("place", ["top", "in-config"])
+def test_hostile_pickle_is_refused_and_nothing_runs(demo_run, tmp_path, kind, place):
+    marker = tmp_path / "pwned"
+    data = dict(demo_run)
+    if place == "top":
+        data["model"] = HOSTILE[kind](marker)
+    else:
+        fields = dict(demo_run["config"].to_dict())  # to_dict() returns the live __dict__
+        fields["tokenizer_name"] = HOSTILE[kind](marker)
+        data["config"] = fields
+    path = tmp_path / "evil.pth"
+    torch.save(data, path)
+    with pytest.raises(GrokpipeError, match="refused") as info:
+        read_legacy(path)
+    assert not marker.exists(), "the payload ran"
+    expected = {"os.system": "system", "builtins.eval": "eval", "builtins.exec": "exec",
+                "subprocess.call": "call",  # pickled under its Python 2 name commands.call
+                "nested-reduce": "exec"}[kind]
+    assert expected in str(info.value)
+    run = tmp_path / "grokking_p11_seed999"
+    proc = grokpipe_cli("convert", str(path), str(run))
+    assert proc.returncode == 1 and "refused" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists() and not run.exists()
+
+
+def test_truncated_and_garbage_files(legacy_files, tmp_path):
+    truncated = tmp_path / "truncated.pth"
+    data = legacy_files["tl2"].read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_text("this is not a pickle\n")
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    for bad in (truncated, garbage, empty):
+        with pytest.raises(GrokpipeError, match="not a readable PyTorch pickle"):
+            safe_load(bad)
+        run = tmp_path / "out" / "grokking_p11_seed999"
+        proc = grokpipe_cli("convert", str(bad), str(run))
+        assert proc.returncode == 1, proc.stderr
+        assert f"{bad}: not a readable PyTorch pickle" in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "out").exists(), "nothing may be written for a bad file"
+
+
+def test_wrong_content_is_refused(demo_run, legacy_files, tmp_path):
+    missing = tmp_path / "missing.pth"
+    torch.save({k: v for k, v in demo_run.items() if k != "test_losses"}, missing)
+    with pytest.raises(GrokpipeError, match="missing key"):
+        read_legacy(missing)
+    with pytest.raises(GrokpipeError, match="holds a p = 11 model"):
+        convert(legacy_files["tl2"], tmp_path / "grokking_p13_seed0")
+    bad_mask = dict(demo_run)
+    bad_mask["model"] = {**demo_run["model"], "blocks.0.attn.mask": torch.ones(3, 3, dtype=torch.bool)}
+    path = tmp_path / "mask.pth"
+    torch.save(bad_mask, path)
+    with pytest.raises(GrokpipeError, match="not the causal mask"):
+        convert(path, tmp_path / "grokking_p11_seed999")
+    assert not (tmp_path / "grokking_p11_seed999").exists()
+
+
+def test_convert_rule_end_to_end(legacy_files, tmp_path):
+    (tmp_path / "legacy" / "tiny").mkdir(parents=True)
+    os.link(legacy_files["tl2"], tmp_path / "legacy" / "tiny" / "tiny_p11_seed999.pth")
+    configfile = write_config(tmp_path / "config.yaml", tiny_config(primes=[5], seeds=[0],
+                                                                    training={"num_epochs": 10, "checkpoint_every": 5}))
+    dry = snakemake(tmp_path, "-n", "--cores", "1", configfile=configfile)
+    assert "rule convert:" in dry.stdout and "rule train:" in dry.stdout  # all: the grid run + the legacy run
+    snakemake(tmp_path, "--cores", "2", configfile=configfile)
+    run = run_dir_of(tmp_path, 11, 999)
+    assert grokpipe.load_metadata(run)["source"] == "converted"
+    assert grokpipe.list_epochs(run) == [3, 7, 11]
+    assert (tmp_path / "logs" / "tiny" / "convert" / "tiny_p11_seed999.log").exists()
+    assert grokpipe.load_metadata(run_dir_of(tmp_path, 5, 0))["source"] == "trained"

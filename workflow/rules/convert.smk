@@ -1,0 +1,25 @@
+# A legacy pickle at legacy/{model_name}/{model_name}_p{prime}_seed{seed}.pth becomes that run's
+# directory: asking for the run converts instead of training when the file exists (ruleorder).
+
+
+ruleorder: convert > train
+
+
+rule convert:
+    input:
+        legacy=f"{LEGACY}/{{model_name}}/{{model_name}}_p{{prime}}_seed{{seed}}.pth",
+    output:
+        model=f"{RUN}/{{model_name}}_p{{prime}}_seed{{seed}}.safetensors",
+        config=f"{RUN}/config.json",
+        metadata=f"{RUN}/metadata.json",
+    params:
+        run_dir=run_dir,
+        grokking_threshold=config["grokking_threshold"],
+    log:
+        "logs/{model_name}/convert/{model_name}_p{prime}_seed{seed}.log",
+    threads: 1
+    conda:
+        CONDA_ENV
+    shell:
+        "grokpipe convert {input.legacy:q} {params.run_dir:q}"
+        " --grokking-threshold {params.grokking_threshold} 2> {log:q}"
