@@ -9,12 +9,16 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/convert.smk"
+include: "workflow/rules/analysis.smk"
 
 
 rule all:
     input:
-        grid_targets(),
+        final_targets(),
     default_target: True

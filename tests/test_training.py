@@ -3,6 +3,7 @@
 import gc
 import json
 
+import pytest
 import torch
 
 import grokpipe
@@ -10,6 +11,7 @@ from grokpipe import resume
 from grokpipe.config import grid, validate_config
 from grokpipe.data import make_split
 from grokpipe.layout import RunLayout
+from grokpipe.lean_forward import forward_fn
 from grokpipe.model import loss_fn
 from grokpipe.safetensors_io import read_metadata
 from grokpipe.train import grokking_epoch, train
@@ -75,7 +77,8 @@ def test_training_equals_the_demo_loop_bit_for_bit(tmp_path):
     demo = demo_loop(p=11, frac_train=0.3, num_epochs=12, checkpoint_every=4, seed=999)
     config = validate_config({
         "model_name": "demo", "primes": [11], "seeds": [999], "model": DEMO_MODEL,
-        "training": {"frac_train": 0.3, "num_epochs": 12, "checkpoint_every": 4},
+        "training": {"frac_train": 0.3, "num_epochs": 12, "checkpoint_every": 4,
+                     "implementation": "hooked_transformer"},
     })
     run = tmp_path / "demo_p11_seed999"
     meta = train(grid(config)[0], run, threads=1, progress_bar=False)
@@ -111,11 +114,14 @@ def test_recorded_test_loss_recomputes_from_checkpoint_weights(tmp_path):
     run = tmp_path / spec.run_name
     meta = train(spec, run, progress_bar=False)
     split = make_split(7, spec.training.frac_train, spec.training.data_seed)
+    assert meta["environment"]["implementation"] == "lean"
     for epoch in meta["checkpoint_epochs"]:
         model = grokpipe.load_model(run, epoch=epoch)
         with torch.inference_mode():
-            loss = loss_fn(model(split.test_tokens), split.test_labels).item()
-        assert loss == meta["test_losses"][epoch]
+            same_forward = loss_fn(forward_fn(model, "lean")(split.test_tokens), split.test_labels).item()
+            hooked = loss_fn(model(split.test_tokens), split.test_labels).item()
+        assert same_forward == meta["test_losses"][epoch]  # bit-exact with the forward that trained it
+        assert hooked == pytest.approx(meta["test_losses"][epoch], rel=1e-5)  # and HookedTransformer agrees
 
 
 def test_no_checkpoint_is_retained_in_memory(tmp_path, monkeypatch):

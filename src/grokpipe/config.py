@@ -159,6 +159,8 @@ class TrainingSpec:
     weight_decay: float = 1.0
     betas: tuple[float, float] = (0.9, 0.98)
     data_seed: int = 598
+    eval_every: int = 1
+    implementation: str = "lean"
 
     def to_dict(self) -> dict:
         return {
@@ -169,6 +171,8 @@ class TrainingSpec:
             "weight_decay": self.weight_decay,
             "betas": list(self.betas),
             "data_seed": self.data_seed,
+            "eval_every": self.eval_every,
+            "implementation": self.implementation,
         }
 
 
@@ -212,10 +216,11 @@ class RunSpec:
         """sha256 of the settings that determine the training trajectory.
 
         ``num_epochs`` is left out on purpose: a longer run shares every epoch of a shorter one, so
-        growing it continues training instead of starting over.
+        growing it continues training instead of starting over. ``eval_every`` only decides which
+        epochs get a test loss, so it is left out too.
         """
         d = self.to_dict()
-        del d["training"]["num_epochs"]
+        del d["training"]["num_epochs"], d["training"]["eval_every"]
         return hashlib.sha256(canonical_json(d).encode()).hexdigest()
 
     def hooked_config_kwargs(self) -> dict:

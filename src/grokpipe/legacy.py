@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,15 +94,18 @@ def _refusal(path: Path, exc: Exception) -> GrokpipeError:
     return GrokpipeError(f"{path}: not a readable PyTorch pickle ({first})")
 
 
-def safe_load(path: str | Path):
-    """Unpickle ``path`` with the restricted loader, every tensor on CPU."""
+def safe_load(path: str | Path, mmap: bool = False):
+    """Unpickle ``path`` with the restricted loader, every tensor on CPU.
+
+    ``mmap=True`` maps tensor data instead of reading it (zip-format files only; older files are read).
+    """
     path = Path(path)
     if not path.is_file():
         raise GrokpipeError(f"{path}: no such file")
     try:
         with torch.serialization.safe_globals(_allowlist()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # weights-only unpickling cannot run code, so any failure is a bad file
         raise _refusal(path, exc) from None
 

@@ -41,7 +41,7 @@ class Progress:
 
     epoch: int = -1  # last completed 0-based epoch; -1 before the first
     train_losses: list[float] = field(default_factory=list)
-    test_losses: list[float] = field(default_factory=list)
+    test_losses: list[float | None] = field(default_factory=list)  # None: epoch not evaluated
     checkpoint_epochs: list[int] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # run-relative path -> sha256
 
@@ -106,7 +106,7 @@ def load(layout: RunLayout, config_hash: str, num_epochs: int) -> tuple[Loaded |
         progress = Progress(
             epoch=epoch,
             train_losses=[float(x) for x in state["train_losses"]],
-            test_losses=[float(x) for x in state["test_losses"]],
+            test_losses=[None if x is None else float(x) for x in state["test_losses"]],
             checkpoint_epochs=[int(x) for x in state["checkpoint_epochs"]],
             files={str(k): str(v) for k, v in state["files"].items()},
         )

@@ -24,6 +24,7 @@ from .atomic import remove_stale_temporaries, sha256_file, write_bytes_atomic, w
 from .config import RunSpec
 from .data import make_split
 from .layout import RunLayout
+from .lean_forward import forward_fn, unsupported_reason
 from .model import config_to_json, loss_fn, resolve_device, training_model
 from .errors import GrokpipeError
 from .safetensors_io import provenance, read_metadata, read_tensors, serialize_state_dict
@@ -37,12 +38,17 @@ EPOCH_CONVENTION = (
 )
 
 
-def grokking_epoch(test_losses: list[float], threshold: float) -> int | None:
-    """First epoch whose test loss is below ``threshold`` (None if none is)."""
+def grokking_epoch(test_losses: list[float | None], threshold: float) -> int | None:
+    """First epoch whose test loss is below ``threshold`` (None if none is; unevaluated epochs skipped)."""
     for epoch, loss in enumerate(test_losses):
-        if loss < threshold:
+        if loss is not None and loss < threshold:
             return epoch
     return None
+
+
+def is_eval_epoch(epoch: int, t) -> bool:
+    """Whether the test loss is computed after ``epoch`` (always at checkpoints and at the end)."""
+    return (epoch + 1) % t.eval_every == 0 or (epoch + 1) % t.checkpoint_every == 0 or epoch == t.num_epochs - 1
 
 
 def _prune_checkpoints(layout: RunLayout, spec: RunSpec, keep_below: int) -> None:
@@ -111,6 +117,12 @@ def train(
 
     split = make_split(spec.prime, t.frac_train, t.data_seed, device)
     model = training_model(spec, device)
+    forward = forward_fn(model, t.implementation)
+    implementation = t.implementation
+    if implementation == "lean" and unsupported_reason(model.cfg):
+        implementation = "hooked_transformer"
+        log.info("%s: lean forward does not support this model (%s); using HookedTransformer",
+                 layout.name, unsupported_reason(model.cfg))
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=t.betas)
     hooked_config = config_to_json(model.cfg)
 
@@ -144,14 +156,16 @@ def train(
         ascii=True,
     )
     for epoch in bar:
-        train_loss = loss_fn(model(split.train_tokens), split.train_labels)
+        train_loss = loss_fn(forward(split.train_tokens), split.train_labels)
         train_loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        with torch.inference_mode():
-            test_loss = loss_fn(model(split.test_tokens), split.test_labels)
+        test_loss = None
+        if is_eval_epoch(epoch, t):
+            with torch.inference_mode():
+                test_loss = loss_fn(forward(split.test_tokens), split.test_labels).item()
         progress.train_losses.append(train_loss.item())
-        progress.test_losses.append(test_loss.item())
+        progress.test_losses.append(test_loss)
         progress.epoch = epoch
 
         if (epoch + 1) % t.checkpoint_every == 0:
@@ -175,7 +189,7 @@ def train(
     final_data = serialize_state_dict(model.state_dict(), provenance(spec, final_epoch, "final", hooked_config))
     progress.files[layout.relative(layout.final_model)] = write_bytes_atomic(layout.final_model, final_data)
 
-    metadata = _metadata_record(spec, progress, split, grokking_threshold, device, threads)
+    metadata = _metadata_record(spec, progress, split, grokking_threshold, device, threads, implementation)
     write_json_atomic(layout.metadata, metadata)
     log.info(
         "%s: done, %d epochs, final train_loss %.6g test_loss %.6g, grokking epoch %s",
@@ -198,7 +212,8 @@ def _config_record(spec: RunSpec, hooked_config: dict) -> dict:
     }
 
 
-def _metadata_record(spec, progress: resume.Progress, split, threshold: float, device: str, threads: int) -> dict:
+def _metadata_record(spec, progress: resume.Progress, split, threshold: float, device: str, threads: int,
+                     implementation: str) -> dict:
     import transformer_lens
 
     checkpoint_epochs = sorted(progress.checkpoint_epochs)
@@ -213,8 +228,9 @@ def _metadata_record(spec, progress: resume.Progress, split, threshold: float, d
         "epoch_convention": EPOCH_CONVENTION,
         "checkpoint_epochs": checkpoint_epochs,
         "final_epoch": spec.training.num_epochs - 1,
+        "eval_every": spec.training.eval_every,
         "train_losses": progress.train_losses,
-        "test_losses": progress.test_losses,
+        "test_losses": progress.test_losses,  # null where the epoch was not evaluated
         "final_train_loss": progress.train_losses[-1],
         "final_test_loss": progress.test_losses[-1],
         "grokking_threshold": threshold,
@@ -230,6 +246,7 @@ def _metadata_record(spec, progress: resume.Progress, split, threshold: float, d
             "python": platform.python_version(),
             "device": device,
             "threads": threads,
+            "implementation": implementation,
         },
     }
 

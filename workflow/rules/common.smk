@@ -1,5 +1,7 @@
 # Shared helpers: config validation, paths and the per-run spec handed to `grokpipe train`.
 
+import os
+
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -54,13 +56,29 @@ def legacy_runs():
     return runs
 
 
-def grid_targets():
-    """metadata.json of every (prime, seed) run of the configured grid, and of every legacy pickle."""
-    grid = expand(
-        f"{RUN}/metadata.json",
-        model_name=config["model_name"],
-        prime=config["primes"],
-        seed=config["seeds"],
-    )
-    legacy = [f"{RUN.format(model_name=m, prime=p, seed=s)}/metadata.json" for m, p, s in legacy_runs()]
-    return sorted(set(grid + legacy))
+def runs():
+    """(model_name, prime, seed) of every run: the configured grid and every legacy pickle."""
+    grid = [(config["model_name"], str(p), str(s)) for p in config["primes"] for s in config["seeds"]]
+    return sorted(set(grid + legacy_runs()))
+
+
+def run_file(run, name):
+    model_name, prime, seed = run
+    return f"{RUN.format(model_name=model_name, prime=prime, seed=seed)}/{name}"
+
+
+def runs_of_model(wildcards):
+    """metadata.json of every run of one model name (the input of its grid summary)."""
+    return [run_file(run, "metadata.json") for run in runs() if run[0] == wildcards.model_name]
+
+
+def run_dirs_of(wildcards, input):
+    return [os.path.dirname(path) for path in input]
+
+
+def final_targets():
+    """Per run: metadata, verification and loss curves; per model name: the grid summary."""
+    per_run = [run_file(run, name) for run in runs() for name in ("metadata.json", "verify.json",
+                                                                   "artifacts/loss_curves.png")]
+    per_model = [f"{RESULTS}/{model_name}/summary.csv" for model_name in sorted({run[0] for run in runs()})]
+    return per_run + per_model

@@ -1,0 +1,195 @@
+"""``grokpipe inspect`` and ``grokpipe list``: what a run, a checkpoint or a legacy pickle holds.
+
+Run directories and safetensors files are described from their JSON files and safetensors headers
+alone; no tensor data is read. Legacy pickles go through the restricted loader, memory-mapped so
+that tensor data is not read either.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import GrokpipeError
+from .layout import RUN_DIR_RE, RunLayout
+from .safetensors_header import HeaderError, read_header
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _file_summary(path: Path) -> dict:
+    try:
+        header = read_header(path)
+    except HeaderError as exc:
+        raise GrokpipeError(f"{path}: not a valid safetensors file: {exc}") from None
+    metadata = dict(header.metadata)
+    hooked = metadata.pop("hooked_config", None)
+    return {
+        "format": "safetensors",
+        "path": str(path),
+        "bytes": header.file_bytes,
+        "header_metadata": metadata,
+        "config": _config_summary(json.loads(hooked)) if hooked else None,
+        "tensors": {t.name: {"dtype": t.dtype, "shape": list(t.shape)} for t in header.tensors.values()},
+    }
+
+
+def _config_summary(hooked: dict | None) -> dict | None:
+    if not hooked:
+        return None
+    keys = ("n_layers", "n_heads", "d_model", "d_head", "d_mlp", "act_fn", "normalization_type", "d_vocab",
+            "d_vocab_out", "n_ctx", "seed", "dtype")
+    return {k: hooked.get(k) for k in keys if k in hooked}
+
+
+def run_state(layout: RunLayout) -> tuple[str, int | None]:
+    """(state, epochs done) of a run directory, from its JSON files only."""
+    metadata = _json(layout.metadata)
+    verify = _json(layout.root / "verify.json")
+    if metadata is not None:
+        if verify is not None and not verify.get("ok", False):
+            state = "verification failed"
+        elif metadata.get("source") == "converted":
+            state = "converted from legacy"
+        else:
+            state = "complete" + (", verified" if verify is not None else "")
+        return state, len(metadata.get("train_losses", []))
+    progress = _json(layout.resume_dir / "training_state.json")
+    if progress is not None and isinstance(progress.get("epoch"), int):
+        return "in progress / resumable", progress["epoch"] + 1
+    if layout.checkpoint_files():
+        return "in progress", max(layout.checkpoint_files()) + 1
+    return "empty", None
+
+
+def inspect_run(run_dir: Path) -> dict:
+    layout = RunLayout(run_dir)
+    metadata = _json(layout.metadata) or {}
+    config = _json(layout.config) or {}
+    state, done = run_state(layout)
+    final = _file_summary(layout.final_model) if layout.final_model.exists() else None
+    return {
+        "format": "grokpipe run directory",
+        "path": str(run_dir),
+        "state": state,
+        "source": metadata.get("source", "trained" if metadata else None),
+        "model_name": config.get("model_name"),
+        "prime": config.get("prime"),
+        "seed": config.get("seed"),
+        "training": config.get("training"),
+        "config": _config_summary(config.get("hooked_transformer_config")),
+        "epochs_done": done,
+        "checkpoint_epochs": list(layout.checkpoint_files()),
+        "final_train_loss": metadata.get("final_train_loss"),
+        "final_test_loss": metadata.get("final_test_loss"),
+        "grokking_epoch": metadata.get("grokking_epoch"),
+        "grokking_threshold": metadata.get("grokking_threshold"),
+        "final_model": final,
+    }
+
+
+def inspect_legacy(path: Path) -> dict:
+    from .legacy import LegacyConfig, safe_load
+
+    data = safe_load(path, mmap=True)
+    if not isinstance(data, dict):
+        raise GrokpipeError(f"{path}: expected the grokking demo's dict, got {type(data).__name__}")
+    config = data.get("config")
+    if isinstance(config, LegacyConfig):
+        config = config.fields
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    train, test = data.get("train_losses") or [], data.get("test_losses") or []
+    return {
+        "format": "legacy pickle (read through grokpipe's restricted loader)",
+        "path": str(path),
+        "keys": sorted(map(str, data)),
+        "config": _config_summary(config if isinstance(config, dict) else None),
+        "checkpoint_epochs": [int(e) for e in (data.get("checkpoint_epochs") or [])],
+        "epochs_done": len(train),
+        "final_train_loss": float(train[-1]) if len(train) else None,
+        "final_test_loss": float(test[-1]) if len(test) else None,
+        "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+                    for k, v in model.items() if hasattr(v, "shape")},
+    }
+
+
+def inspect_path(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        return inspect_run(path)
+    if not path.exists():
+        raise GrokpipeError(f"{path}: no such file or run directory")
+    if path.suffix == ".safetensors":
+        return _file_summary(path)
+    return inspect_legacy(path)
+
+
+def list_runs(results_dir: str | Path) -> list[dict]:
+    """Every run directory under ``results_dir`` (``{model_name}/{model_name}_p{prime}_seed{seed}``)."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise GrokpipeError(f"{results_dir}: no such results directory")
+    rows = []
+    for model_dir in sorted(p for p in results_dir.iterdir() if p.is_dir()):
+        for run_dir in model_dir.iterdir():
+            named = RUN_DIR_RE.match(run_dir.name)
+            if not run_dir.is_dir() or not named or named["model_name"] != model_dir.name:
+                continue
+            layout = RunLayout(run_dir)
+            state, done = run_state(layout)
+            metadata = _json(layout.metadata) or {}
+            rows.append({
+                "model_name": named["model_name"],
+                "prime": int(named["prime"]),
+                "seed": int(named["seed"]),
+                "epochs_done": done,
+                "num_epochs": metadata.get("num_epochs"),
+                "state": state,
+                "grokking_epoch": metadata.get("grokking_epoch"),
+                "final_test_loss": metadata.get("final_test_loss"),
+                "path": str(run_dir),
+            })
+    return sorted(rows, key=lambda r: (r["model_name"], r["prime"], r["seed"]))
+
+
+def format_inspection(info: dict) -> str:
+    """Human-readable text of an inspect_path() result."""
+    lines = [f"=== {info['format']} ===", f"path: {info['path']}"]
+    for key in ("state", "source", "model_name", "prime", "seed", "epochs_done", "final_train_loss",
+                "final_test_loss", "grokking_epoch", "grokking_threshold", "bytes"):
+        if info.get(key) is not None:
+            lines.append(f"{key}: {info[key]}")
+    if info.get("training"):
+        lines.append("training: " + ", ".join(f"{k}={v}" for k, v in info["training"].items()))
+    if info.get("config"):
+        lines.append("config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
+    epochs = info.get("checkpoint_epochs")
+    if epochs is not None:
+        shown = epochs if len(epochs) <= 6 else [*epochs[:3], "...", *epochs[-2:]]
+        lines.append(f"checkpoints: {len(epochs)} ({', '.join(map(str, shown))})")
+    if info.get("keys"):
+        lines.append("keys: " + ", ".join(info["keys"]))
+    file_info = info.get("final_model") or info
+    if file_info.get("header_metadata"):
+        lines.append("header: " + ", ".join(f"{k}={v}" for k, v in file_info["header_metadata"].items()))
+    if file_info.get("tensors"):
+        lines.append("tensors:")
+        lines += [f"  {name:<28} {t['dtype']:<8} {t['shape']}" for name, t in file_info["tensors"].items()]
+    return "\n".join(lines)
+
+
+def format_listing(rows: list[dict]) -> str:
+    header = f"{'model_name':<16} {'p':>5} {'seed':>5} {'epochs':>13} {'grokked at':>10} {'test loss':>10}  state"
+    lines = [header]
+    for r in rows:
+        epochs = f"{r['epochs_done'] if r['epochs_done'] is not None else '-'}/{r['num_epochs'] or '?'}"
+        grok = "-" if r["grokking_epoch"] is None else str(r["grokking_epoch"])
+        loss = "-" if r["final_test_loss"] is None else f"{r['final_test_loss']:.3g}"
+        lines.append(f"{r['model_name']:<16} {r['prime']:>5} {r['seed']:>5} {epochs:>13} {grok:>10} {loss:>10}  {r['state']}")
+    return "\n".join(lines)

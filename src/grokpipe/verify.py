@@ -1,0 +1,245 @@
+"""Verifying a run directory, trained or converted: everything loads and is consistent.
+
+Checks, each reported as one line naming the file and what is wrong:
+
+- every checkpoint and the final model is a well-formed safetensors file (header parsed
+  defensively before any tensor is touched, see safetensors_header);
+- the sha256 of every file equals the one recorded in metadata.json when it was written, and every
+  model file on disk is recorded;
+- every file loads strictly into a HookedTransformer built from config.json;
+- the checkpoint epochs of metadata.json match the files on disk and their headers; loss arrays have
+  num_epochs entries; train and test indices partition the p² pairs;
+- the test loss recomputed from a checkpoint's weights equals the recorded one. All checkpoints are
+  recomputed when that costs at most RECOMPUTE_BUDGET test examples in total; otherwise an evenly
+  spaced sample within that budget (always the first and last checkpoint). Recomputation uses the
+  forward implementation and thread count the run was trained with, so it is normally bit-exact;
+  a difference within 1e-5 relative (+1e-9 absolute) is accepted, for runs trained on another device.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ._version import __version__
+from .atomic import sha256_file
+from .layout import RunLayout
+from .safetensors_header import HeaderError, read_header
+
+RECOMPUTE_BUDGET = 2_000_000  # test examples
+REL_TOLERANCE, ABS_TOLERANCE = 1e-5, 1e-9
+
+
+@dataclass
+class Report:
+    run: Path
+    problems: list[str] = field(default_factory=list)
+    checked: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def problem(self, path, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def to_dict(self) -> dict:
+        return {"run": str(self.run), "ok": self.ok, "problems": self.problems, "checked": self.checked,
+                "grokpipe_version": __version__}
+
+
+def _read_json(report: Report, path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        report.problem(path, "missing")
+        return None
+    except (OSError, ValueError) as exc:
+        report.problem(path, f"not readable JSON ({exc})")
+        return None
+    if not isinstance(data, dict):
+        report.problem(path, "not a JSON object")
+        return None
+    return data
+
+
+def sample_epochs(epochs: list[int], test_size: int, budget: int = RECOMPUTE_BUDGET) -> list[int]:
+    """All epochs if recomputing them costs at most ``budget`` examples, else an even sample."""
+    if not epochs:
+        return []
+    n = max(2, budget // max(test_size, 1))
+    if len(epochs) <= n:
+        return list(epochs)
+    step = (len(epochs) - 1) / (n - 1)
+    return sorted({epochs[round(i * step)] for i in range(n)})
+
+
+@contextmanager
+def _threads(n: int | None):
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def verify_run(run_dir: str | Path, recompute: str | int = "auto") -> Report:
+    """Check a run directory; ``recompute`` is "auto" (budgeted), "all", or a number of checkpoints."""
+    layout = RunLayout(Path(run_dir))
+    report = Report(layout.root)
+    if not layout.root.is_dir():
+        report.problem(layout.root, "not a run directory")
+        return report
+    metadata = _read_json(report, layout.metadata)
+    config = _read_json(report, layout.config)
+
+    files = {**{e: p for e, p in layout.checkpoint_files().items()}, None: layout.final_model}
+    headers = {}
+    for epoch, path in files.items():
+        if not path.exists():
+            report.problem(path, "missing")
+            continue
+        try:
+            headers[epoch] = read_header(path)
+        except HeaderError as exc:
+            report.problem(path, f"not a valid safetensors file: {exc}")
+    report.checked["headers"] = len(headers)
+
+    intact = set(headers)
+    if metadata is not None:
+        intact &= _check_hashes(report, layout, metadata, files)
+        _check_metadata(report, layout, metadata, headers)
+    if config is not None:
+        loaded = _check_strict_loads(report, layout, config, files, intact)
+        if metadata is not None and loaded:
+            _check_recomputed_losses(report, layout, metadata, loaded, recompute)
+    return report
+
+
+def _check_hashes(report: Report, layout: RunLayout, metadata: dict, files: dict) -> set:
+    """Compare sha256 with the recorded ones; returns the epochs whose file matches."""
+    recorded = metadata.get("files")
+    if not isinstance(recorded, dict):
+        report.problem(layout.metadata, "has no 'files' record of sha256 hashes")
+        return set()
+    matching = set()
+    on_disk = {layout.relative(path): epoch for epoch, path in files.items() if path.exists()}
+    for rel, expected in recorded.items():
+        path = layout.root / rel
+        if not path.exists():
+            report.problem(path, "recorded in metadata.json but missing on disk")
+        elif sha256_file(path) != expected:
+            report.problem(path, "sha256 differs from the one recorded when it was written (file changed or damaged)")
+        elif rel in on_disk:
+            matching.add(on_disk[rel])
+    for rel in sorted(set(on_disk) - set(recorded)):
+        report.problem(layout.root / rel, "model file not recorded in metadata.json")
+    report.checked["sha256"] = len(recorded)
+    return matching
+
+
+def _check_metadata(report: Report, layout: RunLayout, metadata: dict, headers: dict) -> None:
+    meta_path = layout.metadata
+    on_disk = sorted(e for e in layout.checkpoint_files())
+    listed = metadata.get("checkpoint_epochs")
+    if listed != on_disk:
+        missing = sorted(set(listed or []) - set(on_disk))
+        extra = sorted(set(on_disk) - set(listed or []))
+        detail = "; ".join(filter(None, [missing and f"no file for epochs {missing}",
+                                         extra and f"files not listed for epochs {extra}"]))
+        report.problem(meta_path, f"checkpoint_epochs do not match the files on disk ({detail or 'order differs'})")
+    for epoch, header in headers.items():
+        label = header.metadata.get("epoch")
+        want = metadata.get("final_epoch") if epoch is None else epoch
+        if label is not None and want is not None and label != str(want):
+            report.problem(layout.checkpoint(epoch) if epoch is not None else layout.final_model,
+                           f"header says epoch {label}, expected {want}")
+        for key in ("prime", "seed"):
+            if key in header.metadata and str(metadata.get(key)) != header.metadata[key]:
+                report.problem(layout.checkpoint(epoch) if epoch is not None else layout.final_model,
+                               f"header {key} {header.metadata[key]} differs from metadata.json ({metadata.get(key)})")
+    num_epochs = metadata.get("num_epochs")
+    for key in ("train_losses", "test_losses"):
+        losses = metadata.get(key)
+        if not isinstance(losses, list) or len(losses) != num_epochs:
+            n = len(losses) if isinstance(losses, list) else "no"
+            report.problem(meta_path, f"{key} has {n} entries, num_epochs is {num_epochs}")
+    prime = metadata.get("prime")
+    train, test = metadata.get("train_indices"), metadata.get("test_indices")
+    if not isinstance(prime, int) or not isinstance(train, list) or not isinstance(test, list):
+        report.problem(meta_path, "prime, train_indices or test_indices missing")
+    elif sorted(train + test) != list(range(prime * prime)):
+        report.problem(meta_path, f"train_indices and test_indices do not partition the {prime * prime} pairs of p = {prime}")
+
+
+def _check_strict_loads(report: Report, layout: RunLayout, config: dict, files: dict, intact: set) -> dict:
+    """Strictly load every well-formed file into a HookedTransformer built from config.json.
+    Returns {epoch: model} for the intact checkpoints (hash-verified), for loss recomputation."""
+    from .model import config_from_json, empty_model
+    from .safetensors_io import read_tensors
+    from .errors import GrokpipeError
+
+    hooked = config.get("hooked_transformer_config")
+    try:
+        model = empty_model(config_from_json(hooked))
+    except Exception as exc:  # a damaged config.json: report, do not crash
+        report.problem(layout.config, f"hooked_transformer_config does not build a HookedTransformer ({exc})")
+        return {}
+    states, strict_ok = {}, 0
+    for epoch, path in files.items():
+        if not path.exists():
+            continue
+        try:
+            state = read_tensors(path)
+            model.load_state_dict(state, strict=True)
+        except (GrokpipeError, RuntimeError) as exc:
+            message = str(exc).split("\n\t")[0] if isinstance(exc, RuntimeError) else str(exc).split(": ", 1)[-1]
+            report.problem(path, f"does not load strictly into the HookedTransformer of config.json ({message})")
+            continue
+        strict_ok += 1
+        if epoch is not None and epoch in intact:
+            states[epoch] = state
+    report.checked["strict_loads"] = strict_ok
+    return {"model": model, "states": states} if states else {}
+
+
+def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, loaded: dict, recompute) -> None:
+    from .data import all_pairs
+    from .lean_forward import forward_fn
+    from .model import loss_fn
+
+    prime, test_losses = metadata.get("prime"), metadata.get("test_losses")
+    try:
+        tokens, labels = all_pairs(prime)
+        test_idx = torch.tensor(metadata["test_indices"], dtype=torch.long)
+        test_tokens, test_labels = tokens[test_idx], labels[test_idx]
+    except (TypeError, KeyError, IndexError, RuntimeError):
+        return  # already reported by the metadata checks
+    environment = metadata.get("environment", {})
+    implementation = environment.get("implementation", "hooked_transformer")
+    epochs = sorted(loaded["states"])
+    if recompute == "all":
+        chosen = epochs
+    elif recompute == "auto":
+        chosen = sample_epochs(epochs, len(test_idx))
+    else:
+        chosen = sample_epochs(epochs, 1, budget=int(recompute))
+    model = loaded["model"]
+    forward = forward_fn(model, implementation)
+    with _threads(environment.get("threads")), torch.inference_mode():
+        for epoch in chosen:
+            if not isinstance(test_losses, list) or epoch >= len(test_losses) or test_losses[epoch] is None:
+                continue
+            model.load_state_dict(loaded["states"][epoch], strict=True)
+            value = loss_fn(forward(test_tokens), test_labels).item()
+            recorded = test_losses[epoch]
+            if abs(value - recorded) > REL_TOLERANCE * abs(recorded) + ABS_TOLERANCE:
+                report.problem(layout.checkpoint(epoch),
+                               f"test loss recomputed from its weights is {value!r}, metadata.json records {recorded!r}")
+    report.checked["recomputed_test_losses"] = chosen

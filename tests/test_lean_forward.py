@@ -1,0 +1,90 @@
+"""The lean forward is another implementation of HookedTransformer's last-position logits."""
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from grokpipe.config import grid, validate_config
+from grokpipe.data import make_split
+from grokpipe.lean_forward import forward_fn, last_position_logits, unsupported_reason
+from grokpipe.model import loss_fn
+from grokpipe.train import train
+
+from conftest import tiny_config
+from test_training import DEMO_MODEL, demo_loop
+
+CONFIGS = [
+    dict(n_layers=1, n_heads=4, d_model=128, d_head=32, d_mlp=512, act_fn="relu"),  # the demo's
+    dict(n_layers=1, n_heads=2, d_model=32, d_head=8, d_mlp=48, act_fn="gelu"),
+    dict(n_layers=1, n_heads=3, d_model=24, d_head=8, attn_only=True),
+    dict(n_layers=2, n_heads=2, d_model=32, d_head=16, d_mlp=64, act_fn="silu"),
+    dict(n_layers=3, n_heads=1, d_model=16, d_head=16, attn_only=True),
+]
+
+
+def perturbed_model(p, fields):
+    cfg = HookedTransformerConfig(**fields, normalization_type=None, d_vocab=p + 1, d_vocab_out=p, n_ctx=3,
+                                  init_weights=True, seed=3, device="cpu")
+    model = HookedTransformer(cfg)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-zero biases too, so every parameter is exercised
+        for param in model.parameters():
+            param += 0.05 * torch.randn(param.shape, generator=generator)
+    return model
+
+
+@pytest.mark.parametrize("fields", CONFIGS, ids=lambda f: f"{f['n_layers']}L-{f.get('act_fn', 'attn_only')}")
+def test_logits_and_gradients_match_hooked_transformer(fields):
+    p = 13
+    model = perturbed_model(p, fields)
+    assert unsupported_reason(model.cfg) is None
+    split = make_split(p, 0.5, 598)
+    tokens = torch.cat([split.train_tokens, split.test_tokens])
+    tokens = torch.cat([tokens, tokens[:7].flip(1)])  # a varying last token too
+    labels = torch.randint(0, p, (len(tokens),), generator=torch.Generator().manual_seed(1))
+
+    ref = model(tokens)[:, -1]
+    ours = last_position_logits(model, tokens)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5), (ours - ref).abs().max()
+
+    grads = {}
+    for name, fn in (("ref", lambda: model(tokens)[:, -1]), ("lean", lambda: last_position_logits(model, tokens))):
+        model.zero_grad()
+        loss_fn(fn(), labels).backward()
+        grads[name] = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+    assert grads["ref"].keys() == grads["lean"].keys()
+    for name in grads["ref"]:
+        assert torch.allclose(grads["lean"][name], grads["ref"][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_unsupported_configs_fall_back_to_hooked_transformer():
+    model = HookedTransformer(HookedTransformerConfig(
+        n_layers=1, n_heads=2, d_model=16, d_head=8, d_mlp=32, act_fn="relu", normalization_type="LN",
+        d_vocab=6, d_vocab_out=5, n_ctx=3, device="cpu"))
+    assert unsupported_reason(model.cfg) == "normalization_type is set"
+    tokens = make_split(5, 0.5, 1).train_tokens
+    assert torch.equal(forward_fn(model, "lean")(tokens), model(tokens)[:, -1])
+
+
+def test_lean_training_follows_the_demo_loop_within_float_tolerance(tmp_path):
+    torch.set_num_threads(1)
+    demo = demo_loop(p=11, frac_train=0.3, num_epochs=300, checkpoint_every=100, seed=999)
+    config = validate_config({"model_name": "demo", "primes": [11], "seeds": [999], "model": DEMO_MODEL,
+                              "training": {"frac_train": 0.3, "num_epochs": 300, "checkpoint_every": 100}})
+    meta = train(grid(config)[0], tmp_path / "demo_p11_seed999", threads=1, progress_bar=False)
+    # Float32 rounding differs between the two implementations; training amplifies it over time
+    # (as a different thread count does). Early epochs agree to rounding, whole curves closely.
+    for ours, ref in ((meta["train_losses"], demo["train_losses"]), (meta["test_losses"], demo["test_losses"])):
+        rel = [abs(a - b) / abs(b) for a, b in zip(ours, ref)]
+        assert max(rel[:20]) < 1e-6, max(rel[:20])
+        assert max(rel) < 5e-2, max(rel)
+
+
+def test_eval_every_records_null_for_skipped_epochs(tmp_path):
+    config = validate_config(tiny_config(primes=[5], seeds=[0], training={
+        "num_epochs": 23, "checkpoint_every": 10, "eval_every": 4}))
+    meta = train(grid(config)[0], tmp_path / "tiny_p5_seed0", progress_bar=False)
+    evaluated = [e for e, loss in enumerate(meta["test_losses"]) if loss is not None]
+    assert evaluated == [3, 7, 9, 11, 15, 19, 22]  # every 4th, every checkpoint, and the last epoch
+    assert len(meta["test_losses"]) == len(meta["train_losses"]) == 23
+    assert meta["eval_every"] == 4 and all(loss is not None for loss in meta["train_losses"])

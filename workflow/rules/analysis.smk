@@ -1,0 +1,71 @@
+# Verification and analysis artifacts of every run, and a summary of each grid.
+
+
+localrules:
+    plot_run,
+    summarize,
+
+
+rule verify:
+    input:
+        model=f"{RUN}/{{model_name}}_p{{prime}}_seed{{seed}}.safetensors",
+        config=f"{RUN}/config.json",
+        metadata=f"{RUN}/metadata.json",
+    output:
+        f"{RUN}/verify.json",
+    params:
+        run_dir=run_dir,
+    log:
+        "logs/{model_name}/verify/{model_name}_p{prime}_seed{seed}.log",
+    threads: 1
+    conda:
+        CONDA_ENV
+    shell:
+        "grokpipe verify {params.run_dir:q} --report {output:q} > {log:q} 2>&1"
+
+
+rule plot_run:
+    input:
+        f"{RUN}/metadata.json",
+    output:
+        png=report(
+            f"{RUN}/artifacts/loss_curves.png",
+            caption="../report/loss_curves.rst",
+            category="Loss curves",
+            labels={"model": "{model_name}", "prime": "{prime}", "seed": "{seed}"},
+        ),
+        svg=f"{RUN}/artifacts/loss_curves.svg",
+    params:
+        run_dir=run_dir,
+    log:
+        "logs/{model_name}/plot/{model_name}_p{prime}_seed{seed}.log",
+    threads: 1
+    conda:
+        CONDA_ENV
+    shell:
+        "grokpipe plot {params.run_dir:q} > {log:q} 2>&1"
+
+
+rule summarize:
+    input:
+        runs_of_model,
+    output:
+        csv=f"{RESULTS}/{{model_name}}/summary.csv",
+        md=f"{RESULTS}/{{model_name}}/summary.md",
+        png=report(
+            f"{RESULTS}/{{model_name}}/test_curves.png",
+            caption="../report/test_curves.rst",
+            category="Grid",
+            labels={"model": "{model_name}", "figure": "test loss of every run"},
+        ),
+        svg=f"{RESULTS}/{{model_name}}/test_curves.svg",
+    params:
+        run_dirs=run_dirs_of,
+        out_dir=lambda wildcards: f"{RESULTS}/{wildcards.model_name}",
+    log:
+        "logs/{model_name}/summarize.log",
+    threads: 1
+    conda:
+        CONDA_ENV
+    shell:
+        "grokpipe summarize --out-dir {params.out_dir:q} {params.run_dirs:q} > {log:q} 2>&1"
