@@ -1,6 +1,7 @@
 """Legacy pickles: safe reading, faithful conversion, hostile and broken files refused."""
 
 import builtins
+import json
 import collections
 import os
 import subprocess
@@ -168,9 +169,11 @@ def test_convert_rule_end_to_end(legacy_files, tmp_path):
                                                                     training={"num_epochs": 10, "checkpoint_every": 5}))
     dry = snakemake(tmp_path, "-n", "--cores", "1", configfile=configfile)
     assert "rule convert:" in dry.stdout and "rule train:" in dry.stdout  # all: the grid run + the legacy run
-    snakemake(tmp_path, "--cores", "2", configfile=configfile)
+    assert "tiny_p11_seed999" in dry.stdout and "tiny_p5_seed0" in dry.stdout
+    snakemake(tmp_path, "--cores", "2", "results/tiny/tiny_p11_seed999/verify.json", configfile=configfile)
     run = run_dir_of(tmp_path, 11, 999)
     assert grokpipe.load_metadata(run)["source"] == "converted"
     assert grokpipe.list_epochs(run) == [3, 7, 11]
+    assert json.loads((run / "verify.json").read_text())["ok"]
     assert (tmp_path / "logs" / "tiny" / "convert" / "tiny_p11_seed999.log").exists()
-    assert grokpipe.load_metadata(run_dir_of(tmp_path, 5, 0))["source"] == "trained"
+    assert not run_dir_of(tmp_path, 5, 0).exists()  # only what was asked for ran

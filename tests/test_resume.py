@@ -52,7 +52,7 @@ def wait_for_checkpoints(runs, at_least, proc, timeout=240):
     pytest.fail("no checkpoints appeared")
 
 
-KILL_CONFIG = tiny_config(primes=[5, 7], seeds=[0], training={"num_epochs": 2500, "checkpoint_every": 20})
+KILL_CONFIG = tiny_config(primes=[5, 7], seeds=[0], training={"num_epochs": 1500, "checkpoint_every": 20})
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_sigkill_of_the_workflow_resumes_bit_identical(tmp_path, uninterrupted):
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(tmp_path),
            "--configfile", str(configfile), "--cores", "2"]
     before = {}
-    for kill_after in (6, 40):  # kill twice, at different points of the runs
+    for kill_after in (6, 30):  # kill twice, at different points of the runs
         proc = subprocess.Popen(cmd + ["--rerun-incomplete"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         wait_for_checkpoints(runs, kill_after, proc)
@@ -93,7 +93,7 @@ def test_sigkill_of_the_workflow_resumes_bit_identical(tmp_path, uninterrupted):
 
 
 def test_killed_training_job_resumes_on_plain_rerun(tmp_path, uninterrupted):
-    config = tiny_config(primes=[7], seeds=[0], training={"num_epochs": 2500, "checkpoint_every": 20})
+    config = tiny_config(primes=[7], seeds=[0], training={"num_epochs": 1500, "checkpoint_every": 20})
     configfile = write_config(tmp_path / "config.yaml", config)
     run = run_dir_of(tmp_path, 7, 0)
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(tmp_path),

@@ -11,6 +11,7 @@ step are checkpointed when ``(e + 1) % checkpoint_every == 0`` (labels 99, 199, 
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import sys
 from pathlib import Path
@@ -247,6 +248,7 @@ def _metadata_record(spec, progress: resume.Progress, split, threshold: float, d
             "device": device,
             "threads": threads,
             "implementation": implementation,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         },
     }
 

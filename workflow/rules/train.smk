@@ -17,6 +17,8 @@ rule train:
     benchmark:
         "benchmarks/{model_name}/train/{model_name}_p{prime}_seed{seed}.tsv"
     threads: config["threads_per_run"]
+    resources:
+        gpu=1 if config["device"] == "cuda" else 0,
     conda:
         CONDA_ENV
     shell:
