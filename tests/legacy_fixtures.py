@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import sys
 import types
@@ -10,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-from grokpipe.data import make_split
-from grokpipe.model import freeze_biases, loss_fn
+from demo_reference import demo_loop
 
 LEGACY_MODEL = {"n_layers": 1, "n_heads": 2, "d_model": 32, "d_head": 16, "d_mlp": 64, "act_fn": "relu",
                 "normalization_type": None}
@@ -19,30 +17,8 @@ TL2_MODULE = "transformer_lens.HookedTransformerConfig"
 
 
 def train_demo(p=11, seed=999, num_epochs=12, checkpoint_every=4, frac_train=0.3):
-    """Run the demo loop with a small model; returns the demo's save dict (config is the real TL 3.x object)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    split = make_split(p, frac_train, 598)
-    cfg = HookedTransformerConfig(**LEGACY_MODEL, d_vocab=p + 1, d_vocab_out=p, n_ctx=3, init_weights=True,
-                                  device="cpu", seed=seed)
-    model = HookedTransformer(cfg)
-    freeze_biases(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1.0, betas=(0.9, 0.98))
-    out = {"checkpoints": [], "checkpoint_epochs": [], "train_losses": [], "test_losses": []}
-    for epoch in range(num_epochs):
-        loss = loss_fn(model(split.train_tokens), split.train_labels)
-        loss.backward()
-        out["train_losses"].append(loss.item())
-        optimizer.step()
-        optimizer.zero_grad()
-        with torch.inference_mode():
-            out["test_losses"].append(loss_fn(model(split.test_tokens), split.test_labels).item())
-        if (epoch + 1) % checkpoint_every == 0:
-            out["checkpoint_epochs"].append(epoch)
-            out["checkpoints"].append(copy.deepcopy(model.state_dict()))
-    out.update(model=model.state_dict(), config=model.cfg, train_indices=split.train_indices,
-               test_indices=split.test_indices)
-    return out
+    """The demo's save dict from a short run with a small model (config: the real TL 3.x object)."""
+    return demo_loop(p, frac_train, num_epochs, checkpoint_every, seed, model_fields=LEGACY_MODEL)
 
 
 def as_tl2_state_dict(state):

@@ -1,23 +1,11 @@
 """The dataset and split are the TransformerLens grokking demo's, token for token."""
 
-import einops
 import pytest
 import torch
 
 from grokpipe.data import all_pairs, make_split, split_indices
 
-
-def demo_dataset(p, frac_train, data_seed):
-    """Verbatim from the TransformerLens grokking demo (Grokking_Demo.ipynb)."""
-    a_vector = einops.repeat(torch.arange(p), "i -> (i j)", j=p)
-    b_vector = einops.repeat(torch.arange(p), "j -> (i j)", i=p)
-    equals_vector = einops.repeat(torch.tensor(p), " -> (i j)", i=p, j=p)
-    dataset = torch.stack([a_vector, b_vector, equals_vector], dim=1)
-    labels = (dataset[:, 0] + dataset[:, 1]) % p
-    torch.manual_seed(data_seed)
-    indices = torch.randperm(p * p)
-    cutoff = int(p * p * frac_train)
-    return dataset, labels, indices[:cutoff], indices[cutoff:]
+from demo_reference import demo_dataset
 
 
 @pytest.mark.parametrize("p,frac,seed", [(113, 0.3, 598), (31, 0.6, 598), (7, 0.5, 1)])

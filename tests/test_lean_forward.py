@@ -11,7 +11,7 @@ from grokpipe.model import loss_fn
 from grokpipe.train import train
 
 from conftest import tiny_config
-from test_training import DEMO_MODEL, demo_loop
+from demo_reference import DEMO_MODEL, demo_loop
 
 CONFIGS = [
     dict(n_layers=1, n_heads=4, d_model=128, d_head=32, d_mlp=512, act_fn="relu"),  # the demo's

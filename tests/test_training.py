@@ -17,60 +17,7 @@ from grokpipe.safetensors_io import read_metadata
 from grokpipe.train import grokking_epoch, train
 
 from conftest import tiny_config
-
-DEMO_MODEL = {"n_layers": 1, "n_heads": 4, "d_model": 128, "d_head": 32, "d_mlp": 512,
-              "act_fn": "relu", "normalization_type": None}
-
-
-def spec_for(prime=7, seed=0, **training):
-    config = validate_config(tiny_config(primes=[prime], seeds=[seed], training=training))
-    return grid(config)[0]
-
-
-def demo_loop(p, frac_train, num_epochs, checkpoint_every, seed, data_seed=598):
-    """The TransformerLens grokking demo's training loop, verbatim apart from sizes."""
-    import copy
-
-    import einops
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    a_vector = einops.repeat(torch.arange(p), "i -> (i j)", j=p)
-    b_vector = einops.repeat(torch.arange(p), "j -> (i j)", i=p)
-    equals_vector = einops.repeat(torch.tensor(p), " -> (i j)", i=p, j=p)
-    dataset = torch.stack([a_vector, b_vector, equals_vector], dim=1)
-    labels = (dataset[:, 0] + dataset[:, 1]) % p
-    torch.manual_seed(data_seed)
-    indices = torch.randperm(p * p)
-    cutoff = int(p * p * frac_train)
-    train_indices, test_indices = indices[:cutoff], indices[cutoff:]
-    train_data, train_labels = dataset[train_indices], labels[train_indices]
-    test_data, test_labels = dataset[test_indices], labels[test_indices]
-    cfg = HookedTransformerConfig(**DEMO_MODEL, d_vocab=p + 1, d_vocab_out=p, n_ctx=3,
-                                  init_weights=True, device="cpu", seed=seed)
-    model = HookedTransformer(cfg)
-    for name, param in model.named_parameters():
-        if "b_" in name:
-            param.requires_grad = False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1.0, betas=(0.9, 0.98))
-    train_losses, test_losses, checkpoint_epochs, model_checkpoints = [], [], [], []
-    for epoch in range(num_epochs):
-        train_logits = model(train_data)
-        train_loss = loss_fn(train_logits, train_labels)
-        train_loss.backward()
-        train_losses.append(train_loss.item())
-        optimizer.step()
-        optimizer.zero_grad()
-        with torch.inference_mode():
-            test_logits = model(test_data)
-            test_loss = loss_fn(test_logits, test_labels)
-            test_losses.append(test_loss.item())
-        if ((epoch + 1) % checkpoint_every) == 0:
-            checkpoint_epochs.append(epoch)
-            model_checkpoints.append(copy.deepcopy(model.state_dict()))
-    return {"model": model.state_dict(), "checkpoints": model_checkpoints, "checkpoint_epochs": checkpoint_epochs,
-            "train_losses": train_losses, "test_losses": test_losses,
-            "train_indices": train_indices, "test_indices": test_indices}
-
+from demo_reference import DEMO_MODEL, demo_loop
 
 def test_training_equals_the_demo_loop_bit_for_bit(tmp_path):
     torch.set_num_threads(1)
