@@ -19,6 +19,12 @@ from grokpipe.train import grokking_epoch, train
 from conftest import tiny_config
 from demo_reference import DEMO_MODEL, demo_loop
 
+
+def spec_for(prime=7, seed=0, **training):
+    config = validate_config(tiny_config(primes=[prime], seeds=[seed], training=training))
+    return grid(config)[0]
+
+
 def test_training_equals_the_demo_loop_bit_for_bit(tmp_path):
     torch.set_num_threads(1)
     demo = demo_loop(p=11, frac_train=0.3, num_epochs=12, checkpoint_every=4, seed=999)

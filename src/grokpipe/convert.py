@@ -159,7 +159,12 @@ def _write_run(run: LegacyRun, layout: RunLayout, model_name, prime, seed, hooke
         "test_indices": run.test_indices.tolist(),
         "config_hash": config_hash,
         "files": dict(sorted(files.items())),
-        "environment": {"grokpipe": __version__, "torch": torch.__version__},
+        "environment": {  # of the conversion; device: where the legacy run was trained
+            "grokpipe": __version__,
+            "torch": torch.__version__,
+            "device": str(run.config.get("device", "unknown")),
+            "implementation": "hooked_transformer",
+        },
     }
     write_json_atomic(layout.metadata, metadata)
     return metadata

@@ -118,12 +118,11 @@ def train(
 
     split = make_split(spec.prime, t.frac_train, t.data_seed, device)
     model = training_model(spec, device)
-    forward = forward_fn(model, t.implementation)
-    implementation = t.implementation
-    if implementation == "lean" and unsupported_reason(model.cfg):
-        implementation = "hooked_transformer"
-        log.info("%s: lean forward does not support this model (%s); using HookedTransformer",
-                 layout.name, unsupported_reason(model.cfg))
+    unsupported = unsupported_reason(model.cfg) if t.implementation == "lean" else None
+    if unsupported:
+        log.info("%s: lean forward does not support this model (%s); using HookedTransformer", layout.name, unsupported)
+    implementation = "hooked_transformer" if unsupported else t.implementation
+    forward = forward_fn(model, implementation)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=t.betas)
     hooked_config = config_to_json(model.cfg)
 

@@ -12,8 +12,11 @@ Checks, each reported as one line naming the file and what is wrong:
 - the test loss recomputed from a checkpoint's weights equals the recorded one. All checkpoints are
   recomputed when that costs at most RECOMPUTE_BUDGET test examples in total; otherwise an evenly
   spaced sample within that budget (always the first and last checkpoint). Recomputation uses the
-  forward implementation and thread count the run was trained with, so it is normally bit-exact;
-  a difference within 1e-5 relative (+1e-9 absolute) is accepted, for runs trained on another device.
+  forward implementation and thread count the run was trained with. A run grokpipe trained on CPU
+  reproduces bit-exactly, and a difference beyond 1e-5 relative (+1e-9 absolute) is reported; for a
+  run trained on a GPU or converted from a legacy pickle (other hardware, unknown thread count) float32
+  rounding of tiny losses differs more, and 1e-3 relative (+1e-7 absolute) is accepted, still far
+  below the change between checkpoints.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from .layout import RunLayout
 from .safetensors_header import HeaderError, read_header
 
 RECOMPUTE_BUDGET = 2_000_000  # test examples
-REL_TOLERANCE, ABS_TOLERANCE = 1e-5, 1e-9
+SAME_MACHINE_TOLERANCE = (1e-5, 1e-9)  # (relative, absolute): grokpipe-trained on CPU
+OTHER_MACHINE_TOLERANCE = (1e-3, 1e-7)  # trained on a GPU, or converted from a legacy pickle
 
 
 @dataclass
@@ -223,6 +227,8 @@ def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, 
         return  # already reported by the metadata checks
     environment = metadata.get("environment", {})
     implementation = environment.get("implementation", "hooked_transformer")
+    reproducible = metadata.get("source", "trained") == "trained" and environment.get("device") == "cpu"
+    rel_tol, abs_tol = SAME_MACHINE_TOLERANCE if reproducible else OTHER_MACHINE_TOLERANCE
     epochs = sorted(loaded["states"])
     if recompute == "all":
         chosen = epochs
@@ -239,7 +245,7 @@ def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, 
             model.load_state_dict(loaded["states"][epoch], strict=True)
             value = loss_fn(forward(test_tokens), test_labels).item()
             recorded = test_losses[epoch]
-            if abs(value - recorded) > REL_TOLERANCE * abs(recorded) + ABS_TOLERANCE:
+            if abs(value - recorded) > rel_tol * abs(recorded) + abs_tol:
                 report.problem(layout.checkpoint(epoch),
                                f"test loss recomputed from its weights is {value!r}, metadata.json records {recorded!r}")
     report.checked["recomputed_test_losses"] = chosen
