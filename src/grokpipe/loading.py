@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import GrokpipeError
-from .layout import RunLayout, epoch_of_checkpoint
+from .layout import RunLayout
 from .safetensors_io import read_metadata, read_tensors
 
 LEGACY_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle")
@@ -143,7 +143,6 @@ def _read_json(path: Path) -> dict:
 
 __all__ = [
     "checkpoint_path",
-    "epoch_of_checkpoint",
     "hooked_config_dict",
     "list_epochs",
     "load_config",

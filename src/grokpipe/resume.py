@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-
 import torch
 
 from .atomic import sha256_file, write_json_atomic
@@ -153,7 +151,3 @@ def clear(layout: RunLayout) -> None:
 
 def exists(layout: RunLayout) -> bool:
     return (layout.resume_dir / STATE_JSON).exists()
-
-
-def state_path(layout: RunLayout) -> Path:
-    return layout.resume_dir / STATE_JSON
