@@ -24,7 +24,7 @@ from .config import canonical_json, run_name
 from .errors import GrokpipeError
 from .layout import RUN_DIR_RE, RunLayout
 from .legacy import LegacyRun, hooked_config_from_legacy, normalize_buffers, read_legacy
-from .safetensors_io import header, read_tensors, write_model_file
+from .safetensors_io import first_difference, header, read_tensors, write_model_file
 from .train import EPOCH_CONVENTION, METADATA_FORMAT_VERSION, grokking_epoch
 
 log = logging.getLogger(__name__)
@@ -40,23 +40,19 @@ def _checkpoint_every(epochs: list[int]) -> int | None:
 
 
 def _check_strict_load(path: Path, hooked: dict, state: dict[str, torch.Tensor]) -> None:
-    from .model import config_from_json, empty_model
+    from .model import loaded_model
 
-    model = empty_model(config_from_json(hooked))
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise GrokpipeError(f"{path}: its weights do not fit its own config ({exc}); nothing was written") from None
+        loaded_model(hooked, state, path)
+    except GrokpipeError as exc:
+        raise GrokpipeError(f"{exc}; nothing was written") from None
 
 
 def _write_verified(path: Path, state: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
     digest = write_model_file(path, state, meta)
-    back = read_tensors(path)
-    if back.keys() != state.keys():
-        raise GrokpipeError(f"{path}: conversion check failed: tensor names differ after writing")
-    for name, tensor in state.items():
-        if back[name].dtype != tensor.dtype or not torch.equal(back[name], tensor):
-            raise GrokpipeError(f"{path}: conversion check failed: tensor {name} differs after writing")
+    difference = first_difference(state, read_tensors(path))
+    if difference:
+        raise GrokpipeError(f"{path}: conversion check failed: {difference} after writing")
     return digest
 
 

@@ -188,15 +188,9 @@ def read_legacy(path: str | Path) -> LegacyRun:
 
 def hooked_config_from_legacy(config: dict) -> dict:
     """JSON-ready HookedTransformerConfig fields of a legacy config (dtype as a string, on CPU)."""
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, torch.dtype):
-            value = str(value).removeprefix("torch.")
-        elif isinstance(value, torch.device):
-            value = str(value)
-        elif type(value).__module__ == "numpy" and hasattr(value, "item"):
-            value = value.item()  # numpy scalar -> plain number
-        out[key] = value
+    from .model import json_value  # torch only: no TransformerLens import
+
+    out = {key: json_value(value) for key, value in config.items()}
     out["device"] = "cpu"  # trained on a GPU or not, a converted run loads on CPU
     out["n_devices"] = 1
     return out
@@ -233,7 +227,7 @@ def legacy_state_dict(path: str | Path, epoch: int | None = None) -> dict[str, t
 
 def legacy_model(path: str | Path, epoch: int | None = None, device: str = "cpu"):
     """A HookedTransformer from a legacy pickle (read-only). Converting once is faster and safer."""
-    from .model import config_from_json, empty_model
+    from .model import loaded_model
 
     warnings.warn(
         f"loading legacy pickle {path}: every load unpickles the whole file; convert it once with "
@@ -244,9 +238,4 @@ def legacy_model(path: str | Path, epoch: int | None = None, device: str = "cpu"
     run = read_legacy(path)
     hooked = hooked_config_from_legacy(run.config)
     state, _ = normalize_buffers(_epoch_state(run, epoch), int(hooked.get("n_ctx", 3)))
-    model = empty_model(config_from_json(hooked, device=device))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise GrokpipeError(f"{path}: weights do not fit its config ({exc})") from None
-    return model.eval()
+    return loaded_model(hooked, state, path, device)

@@ -104,7 +104,7 @@ def load_model(path: str | Path, epoch: int | None = None, device: str = "cpu"):
     ``path`` is a run directory, a single ``.safetensors`` file, or a legacy pickle (read through the
     restricted loader; converting it with ``grokpipe convert`` is recommended). The load is strict.
     """
-    from .model import config_from_json, empty_model
+    from .model import loaded_model
 
     path = Path(path)
     if _is_legacy(path):
@@ -112,14 +112,7 @@ def load_model(path: str | Path, epoch: int | None = None, device: str = "cpu"):
 
         return legacy_model(path, epoch, device)
     file = _resolve(path, epoch)
-    cfg = config_from_json(hooked_config_dict(file), device=device)
-    model = empty_model(cfg)
-    try:
-        model.load_state_dict(read_tensors(file), strict=True)
-    except RuntimeError as exc:
-        raise GrokpipeError(f"{file}: weights do not fit the model config ({exc})") from None
-    model.eval()
-    return model
+    return loaded_model(hooked_config_dict(file), read_tensors(file), file, device)
 
 
 def load_metadata(run_dir: str | Path) -> dict:

@@ -49,16 +49,21 @@ def freeze_biases(model: torch.nn.Module) -> None:
             param.requires_grad = False
 
 
+def json_value(value):
+    """A config value as JSON-ready data: dtype as its name (``float32``), device as a string,
+    numpy scalars (TransformerLens computes some fields with numpy) as plain numbers."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, torch.device):
+        return str(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
 def config_to_json(cfg) -> dict:
-    """Every HookedTransformerConfig field as JSON-ready data (dtype as its name, e.g. ``float32``)."""
-    out = {}
-    for key, value in cfg.to_dict().items():
-        if isinstance(value, torch.dtype):
-            value = str(value).removeprefix("torch.")
-        elif isinstance(value, torch.device):
-            value = str(value)
-        out[key] = value
-    return out
+    """Every HookedTransformerConfig field as JSON-ready data."""
+    return {key: json_value(value) for key, value in cfg.to_dict().items()}
 
 
 def config_from_json(data: dict, device: str = "cpu"):
@@ -88,6 +93,19 @@ def empty_model(cfg):
         from transformer_lens import HookedTransformer
 
         return HookedTransformer(cfg, move_to_device=True)
+
+
+def loaded_model(hooked_config: dict, state_dict: dict, source, device: str = "cpu"):
+    """A HookedTransformer built from ``hooked_config`` holding ``state_dict`` (strict load), in eval
+    mode; weights that do not fit the config are a GrokpipeError naming ``source``."""
+    from .errors import GrokpipeError
+
+    model = empty_model(config_from_json(hooked_config, device=device))
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise GrokpipeError(f"{source}: weights do not fit the model config ({exc})") from None
+    return model.eval()
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -66,3 +66,15 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as exc:
         raise GrokpipeError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def first_difference(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> str | None:
+    """What differs between two state dicts (names, or the first tensor whose dtype or values
+    differ), or None when they hold exactly the same tensors."""
+    if expected.keys() != actual.keys():
+        return "tensor names differ"
+    for name, tensor in expected.items():
+        other = actual[name]
+        if other.dtype != tensor.dtype or not torch.equal(other, tensor.detach().to(other.device)):
+            return f"tensor {name} differs"
+    return None

@@ -28,7 +28,7 @@ from .layout import RunLayout
 from .lean_forward import forward_fn, unsupported_reason
 from .model import config_to_json, loss_fn, resolve_device, training_model
 from .errors import GrokpipeError
-from .safetensors_io import provenance, read_metadata, read_tensors, serialize_state_dict
+from .safetensors_io import first_difference, provenance, read_metadata, read_tensors, serialize_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,7 @@ def _same_content(path: Path, state_dict: dict, metadata: dict) -> bool:
         on_disk = read_tensors(path)
     except GrokpipeError:
         return False
-    return on_disk.keys() == state_dict.keys() and all(
-        on_disk[k].dtype == v.dtype and torch.equal(on_disk[k], v.detach().cpu()) for k, v in state_dict.items()
-    )
+    return first_difference(state_dict, on_disk) is None
 
 
 def _write_checkpoint(path: Path, state_dict: dict, metadata: dict) -> str:
