@@ -11,6 +11,9 @@ test: setup
 	.venv/bin/python -m pytest
 
 lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/snakefmt --check .
 	.venv/bin/snakemake --lint
 
 report: setup

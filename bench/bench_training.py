@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import os
 import subprocess
 import sys
@@ -34,7 +33,8 @@ import yaml
 warnings.filterwarnings("ignore")
 
 import grokpipe  # noqa: E402
-from grokpipe import resume, train as train_module  # noqa: E402
+from grokpipe import resume  # noqa: E402
+from grokpipe import train as train_module
 from grokpipe.cli import _keep_freed_memory_in_process  # noqa: E402
 from grokpipe.config import grid, is_prime, validate_config  # noqa: E402
 from grokpipe.data import make_split  # noqa: E402
@@ -43,8 +43,15 @@ from grokpipe.model import freeze_biases, loss_fn  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 P, FRAC = 113, 0.3
-DEMO_MODEL = {"n_layers": 1, "n_heads": 4, "d_model": 128, "d_head": 32, "d_mlp": 512, "act_fn": "relu",
-              "normalization_type": None}
+DEMO_MODEL = {
+    "n_layers": 1,
+    "n_heads": 4,
+    "d_model": 128,
+    "d_head": 32,
+    "d_mlp": 512,
+    "act_fn": "relu",
+    "normalization_type": None,
+}
 
 
 def demo_loop(num_epochs: int, checkpoint_every: int = 100, seed: int = 999):
@@ -53,8 +60,9 @@ def demo_loop(num_epochs: int, checkpoint_every: int = 100, seed: int = 999):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     split = make_split(P, FRAC, 598)
-    cfg = HookedTransformerConfig(**DEMO_MODEL, d_vocab=P + 1, d_vocab_out=P, n_ctx=3, init_weights=True,
-                                  device="cpu", seed=seed)
+    cfg = HookedTransformerConfig(
+        **DEMO_MODEL, d_vocab=P + 1, d_vocab_out=P, n_ctx=3, init_weights=True, device="cpu", seed=seed
+    )
     model = HookedTransformer(cfg)
     freeze_biases(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1.0, betas=(0.9, 0.98))
@@ -75,9 +83,15 @@ def demo_loop(num_epochs: int, checkpoint_every: int = 100, seed: int = 999):
 
 def timed_train(run_dir: Path, num_epochs: int, checkpoint_every: int, threads: int):
     """grokpipe's train(), with the checkpoint write path timed and RSS sampled at each checkpoint."""
-    config = validate_config({"model_name": "bench", "primes": [P], "seeds": [999], "model": DEMO_MODEL,
-                              "training": {"frac_train": FRAC, "num_epochs": num_epochs,
-                                           "checkpoint_every": checkpoint_every}})
+    config = validate_config(
+        {
+            "model_name": "bench",
+            "primes": [P],
+            "seeds": [999],
+            "model": DEMO_MODEL,
+            "training": {"frac_train": FRAC, "num_epochs": num_epochs, "checkpoint_every": checkpoint_every},
+        }
+    )
     spent = {"write": 0.0}
     stamps, rss = [], []
     real_write, real_save = train_module._write_checkpoint, resume.save
@@ -89,6 +103,7 @@ def timed_train(run_dir: Path, num_epochs: int, checkpoint_every: int, threads: 
                 return fn(*args, **kwargs)
             finally:
                 spent["write"] += time.perf_counter() - start
+
         return wrapper
 
     def save_and_stamp(*args, **kwargs):
@@ -106,6 +121,10 @@ def timed_train(run_dir: Path, num_epochs: int, checkpoint_every: int, threads: 
     return meta, total, spent["write"], stamps, rss
 
 
+def state_bytes(run_dir: Path) -> int:
+    return sum(t.numel() * t.element_size() for t in grokpipe.load_state_dict(run_dir).values())
+
+
 def max_rel(a, b):
     return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
@@ -113,7 +132,7 @@ def max_rel(a, b):
 def allocator_untuned_ratio(epochs: int, threads: int) -> str:
     """Both loops again in a fresh process with glibc's default allocator settings."""
     code = f"""
-import sys, time; sys.path.insert(0, {str(REPO / 'bench')!r})
+import sys, time; sys.path.insert(0, {str(REPO / "bench")!r})
 import bench_training as b, torch, tempfile, pathlib
 torch.set_num_threads({threads})
 _, _, stamps = b.demo_loop({epochs})
@@ -131,15 +150,24 @@ def legacy_load_ratio(run_dir: Path, workdir: Path) -> tuple[float, float, float
     """Load one epoch: our layout vs torch.load of an equivalent 250-checkpoint legacy pickle."""
     epochs = grokpipe.list_epochs(run_dir)
     base = grokpipe.load_state_dict(run_dir, epochs[-1])
-    checkpoints = [{k: v.clone() + (i * 1e-3 if v.is_floating_point() else 0) for k, v in base.items()}
-                   for i in range(250)]
+    checkpoints = [
+        {k: v.clone() + (i * 1e-3 if v.is_floating_point() else 0) for k, v in base.items()} for i in range(250)
+    ]
     legacy = workdir / "legacy_250.pth"
     meta = grokpipe.load_metadata(run_dir)
-    torch.save({"model": base, "config": grokpipe.load_config(run_dir)["hooked_transformer_config"],
-                "checkpoints": checkpoints, "checkpoint_epochs": [100 * i + 99 for i in range(250)],
-                "train_losses": meta["train_losses"], "test_losses": meta["test_losses"],
-                "train_indices": torch.tensor(meta["train_indices"]),
-                "test_indices": torch.tensor(meta["test_indices"])}, legacy)
+    torch.save(
+        {
+            "model": base,
+            "config": grokpipe.load_config(run_dir)["hooked_transformer_config"],
+            "checkpoints": checkpoints,
+            "checkpoint_epochs": [100 * i + 99 for i in range(250)],
+            "train_losses": meta["train_losses"],
+            "test_losses": meta["test_losses"],
+            "train_indices": torch.tensor(meta["train_indices"]),
+            "test_indices": torch.tensor(meta["test_indices"]),
+        },
+        legacy,
+    )
     del checkpoints
 
     def best_of(fn, n=5):
@@ -158,12 +186,31 @@ def legacy_load_ratio(run_dir: Path, workdir: Path) -> tuple[float, float, float
 
 def snakemake_dry_run_seconds(workdir: Path) -> tuple[float, int]:
     primes = [n for n in range(5, 200) if is_prime(n)][:20]
-    config = {"model_name": "bench", "primes": primes, "seeds": list(range(50)),
-              "training": {"num_epochs": 1000, "checkpoint_every": 100}, "model": DEMO_MODEL}
+    config = {
+        "model_name": "bench",
+        "primes": primes,
+        "seeds": list(range(50)),
+        "training": {"num_epochs": 1000, "checkpoint_every": 100},
+        "model": DEMO_MODEL,
+    }
     configfile = workdir / "grid1000.yaml"
     configfile.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "-n", "--cores", "4", "-s", str(REPO / "Snakefile"),
-           "--directory", str(workdir / "grid"), "--configfile", str(configfile), "--quiet", "all"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-n",
+        "--cores",
+        "4",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir / "grid"),
+        "--configfile",
+        str(configfile),
+        "--quiet",
+        "all",
+    ]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
     return time.perf_counter() - start, len(primes) * 50
@@ -177,8 +224,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="grokpipe-bench-"))
     cpu = psutil.cpu_count(logical=True)
-    print(f"# grokpipe training benchmark: p={P}, frac_train={FRAC}, {args.epochs} epochs, "
-          f"{args.threads} threads, {cpu} CPUs, torch {torch.__version__}")
+    print(
+        f"# grokpipe training benchmark: p={P}, frac_train={FRAC}, {args.epochs} epochs, "
+        f"{args.threads} threads, {cpu} CPUs, torch {torch.__version__}"
+    )
 
     # 1. Speed and loss curves, with the allocator tuning grokpipe's CLI applies (both loops get it).
     _keep_freed_memory_in_process()
@@ -189,31 +238,45 @@ def main() -> None:
     demo_ms = (demo_stamps[-1] - demo_stamps[skip - 1]) / (args.epochs - skip) * 1000
     ours_ms = (stamps[-1] - stamps[0]) / (args.epochs - skip) * 1000
     print(f"ms/epoch          demo loop {demo_ms:.1f}   grokpipe {ours_ms:.1f}   speed-up {demo_ms / ours_ms:.2f}x")
-    print(f"loss curves       max relative deviation over {args.epochs} epochs: "
-          f"train {max_rel(meta['train_losses'], demo_train):.2e}, test {max_rel(meta['test_losses'], demo_test):.2e}; "
-          f"first 100 epochs: train {max_rel(meta['train_losses'][:100], demo_train[:100]):.2e}, "
-          f"test {max_rel(meta['test_losses'][:100], demo_test[:100]):.2e}")
+    print(
+        f"loss curves       max relative deviation over {args.epochs} epochs: "
+        f"train {max_rel(meta['train_losses'], demo_train):.2e}, test {max_rel(meta['test_losses'], demo_test):.2e}; "
+        f"first 100 epochs: train {max_rel(meta['train_losses'][:100], demo_train[:100]):.2e}, "
+        f"test {max_rel(meta['test_losses'][:100], demo_test[:100]):.2e}"
+    )
     torch.set_num_threads(1)
     self_epochs = min(200, args.epochs)
     self_train, self_test, _ = demo_loop(self_epochs)
     torch.set_num_threads(args.threads)
-    print(f"  for scale       demo loop vs itself at 1 thread, {self_epochs} epochs: "
-          f"train {max_rel(self_train, demo_train[:self_epochs]):.2e}, test {max_rel(self_test, demo_test[:self_epochs]):.2e}")
-    print(f"checkpoint cost   {100 * write_s / total:.2f} % of training time "
-          f"({write_s:.2f} s of {total:.1f} s; every 100 epochs, checkpoint + resume state)")
-    print(f"default allocator demo vs grokpipe, fresh process, 150 epochs: {allocator_untuned_ratio(150, args.threads)}")
+    print(
+        f"  for scale       demo loop vs itself at 1 thread, {self_epochs} epochs: "
+        f"train {max_rel(self_train, demo_train[:self_epochs]):.2e}, "
+        f"test {max_rel(self_test, demo_test[:self_epochs]):.2e}"
+    )
+    print(
+        f"checkpoint cost   {100 * write_s / total:.2f} % of training time "
+        f"({write_s:.2f} s of {total:.1f} s; every 100 epochs, checkpoint + resume state)"
+    )
+    print(
+        f"default allocator demo vs grokpipe, fresh process, 150 epochs: {allocator_untuned_ratio(150, args.threads)}"
+    )
 
     # 2. Memory over a run that writes a checkpoint every 10 epochs.
     long_epochs = args.epochs
     _, _, _, _, rss = timed_train(work / "long" / "bench_p113_seed999", long_epochs, 10, args.threads)
-    print(f"RSS               {rss[0] / 2**20:.0f} MiB after the first checkpoint, {rss[-1] / 2**20:.0f} MiB after "
-          f"checkpoint {len(rss)} (+{(rss[-1] - rss[0]) / 2**20:.1f} MiB; the demo's list would hold "
-          f"{len(rss) * sum(t.numel() * t.element_size() for t in grokpipe.load_state_dict(run).values()) / 2**20:.0f} MiB)")
+    print(
+        f"RSS               {rss[0] / 2**20:.0f} MiB after the first checkpoint, {rss[-1] / 2**20:.0f} MiB after "
+        f"checkpoint {len(rss)} (+{(rss[-1] - rss[0]) / 2**20:.1f} MiB; the demo's list would hold "
+        f"{len(rss) * state_bytes(run) / 2**20:.0f} MiB)"
+    )
 
     # 3. Loading one epoch.
     ours, old, safe, size = legacy_load_ratio(run, work)
-    print(f"load one epoch    grokpipe {ours * 1000:.2f} ms   torch.load of a 250-checkpoint pickle ({size:.0f} MiB) "
-          f"{old * 1000:.0f} ms ({old / ours:.0f}x)   via grokpipe's safe loader {safe * 1000:.0f} ms ({safe / ours:.0f}x)")
+    print(
+        f"load one epoch    grokpipe {ours * 1000:.2f} ms   torch.load of a 250-checkpoint pickle ({size:.0f} MiB) "
+        f"{old * 1000:.0f} ms ({old / ours:.0f}x)   "
+        f"via grokpipe's safe loader {safe * 1000:.0f} ms ({safe / ours:.0f}x)"
+    )
 
     # 4. Scheduling a large grid.
     seconds, runs = snakemake_dry_run_seconds(work)

@@ -1,15 +1,30 @@
 """The TransformerLens grokking demo (Grokking_Demo.ipynb), verbatim apart from sizes: the reference
-that grokpipe's data, training and legacy files are checked against."""
+that grokpipe's data, training and legacy files are checked against. Nothing here comes from grokpipe,
+so a regression in grokpipe's own loss, data or loop cannot hide in the reference."""
 
 import copy
 
 import einops
 import torch
 
-from grokpipe.model import loss_fn
+DEMO_MODEL = {
+    "n_layers": 1,
+    "n_heads": 4,
+    "d_model": 128,
+    "d_head": 32,
+    "d_mlp": 512,
+    "act_fn": "relu",
+    "normalization_type": None,
+}
 
-DEMO_MODEL = {"n_layers": 1, "n_heads": 4, "d_model": 128, "d_head": 32, "d_mlp": 512,
-              "act_fn": "relu", "normalization_type": None}
+
+def loss_fn(logits, labels):
+    if len(logits.shape) == 3:
+        logits = logits[:, -1]
+    logits = logits.to(torch.float64)
+    log_probs = logits.log_softmax(dim=-1)
+    correct_log_probs = log_probs.gather(dim=-1, index=labels[:, None])[:, 0]
+    return -correct_log_probs.mean()
 
 
 def demo_dataset(p, frac_train, data_seed):
@@ -31,8 +46,9 @@ def demo_loop(p, frac_train, num_epochs, checkpoint_every, seed, data_seed=598, 
     dataset, labels, train_indices, test_indices = demo_dataset(p, frac_train, data_seed)
     train_data, train_labels = dataset[train_indices], labels[train_indices]
     test_data, test_labels = dataset[test_indices], labels[test_indices]
-    cfg = HookedTransformerConfig(**model_fields, d_vocab=p + 1, d_vocab_out=p, n_ctx=3,
-                                  init_weights=True, device="cpu", seed=seed)
+    cfg = HookedTransformerConfig(
+        **model_fields, d_vocab=p + 1, d_vocab_out=p, n_ctx=3, init_weights=True, device="cpu", seed=seed
+    )
     model = HookedTransformer(cfg)
     for name, param in model.named_parameters():
         if "b_" in name:
@@ -53,6 +69,13 @@ def demo_loop(p, frac_train, num_epochs, checkpoint_every, seed, data_seed=598, 
         if ((epoch + 1) % checkpoint_every) == 0:
             checkpoint_epochs.append(epoch)
             model_checkpoints.append(copy.deepcopy(model.state_dict()))
-    return {"model": model.state_dict(), "config": model.cfg, "checkpoints": model_checkpoints,
-            "checkpoint_epochs": checkpoint_epochs, "test_losses": test_losses, "train_losses": train_losses,
-            "train_indices": train_indices, "test_indices": test_indices}
+    return {
+        "model": model.state_dict(),
+        "config": model.cfg,
+        "checkpoints": model_checkpoints,
+        "checkpoint_epochs": checkpoint_epochs,
+        "test_losses": test_losses,
+        "train_losses": train_losses,
+        "train_indices": train_indices,
+        "test_indices": test_indices,
+    }

@@ -8,11 +8,17 @@ import types
 from pathlib import Path
 
 import torch
-
 from demo_reference import demo_loop
 
-LEGACY_MODEL = {"n_layers": 1, "n_heads": 2, "d_model": 32, "d_head": 16, "d_mlp": 64, "act_fn": "relu",
-                "normalization_type": None}
+LEGACY_MODEL = {
+    "n_layers": 1,
+    "n_heads": 2,
+    "d_model": 32,
+    "d_head": 16,
+    "d_mlp": 64,
+    "act_fn": "relu",
+    "normalization_type": None,
+}
 TL2_MODULE = "transformer_lens.HookedTransformerConfig"
 
 

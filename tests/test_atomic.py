@@ -50,3 +50,24 @@ def test_stale_temporaries_are_removed(tmp_path):
     assert [p.name for p in removed] == [".checkpoint_epoch_00099.safetensors.tmp-abc123"]
     assert os.listdir(tmp_path) == ["checkpoint_epoch_00099.safetensors"]
     assert is_temporary(removed[0]) and not is_temporary(tmp_path / "checkpoint_epoch_00099.safetensors")
+
+
+def test_the_directory_is_fsynced_after_the_rename(tmp_path, monkeypatch):
+    """The rename itself must be durable: the parent directory is fsynced after os.replace."""
+    events = []
+    real_replace, real_fsync = atomic.os.replace, atomic.os.fsync
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        return real_replace(src, dst)
+
+    def fsync(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsync", "dir" if os.path.isdir(target) else os.path.basename(target)))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    write_bytes_atomic(tmp_path / "a.bin", b"data")
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert events[1] == ("replace", "a.bin") and events[2] == ("fsync", "dir")

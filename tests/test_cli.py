@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import grokpipe_cli, tiny_config, write_config
 
 

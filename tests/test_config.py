@@ -1,11 +1,10 @@
 """Config validation: the schema and semantic checks, directly and through Snakemake."""
 
 import pytest
+from conftest import snakemake, tiny_config, write_config
 
 from grokpipe.config import grid, is_prime, validate_config
 from grokpipe.errors import ConfigError
-
-from conftest import snakemake, tiny_config, write_config
 
 # (what to change, key the message must name)
 INVALID = [
@@ -34,8 +33,12 @@ def test_invalid_config_names_the_key(change, key):
 
 
 def test_valid_config_gets_defaults():
-    config = {"primes": [31], "seeds": [0], "training": {"num_epochs": 10, "checkpoint_every": 5},
-              "model": {"n_layers": 1, "n_heads": 4, "d_model": 128, "d_head": 32, "d_mlp": 512}}
+    config = {
+        "primes": [31],
+        "seeds": [0],
+        "training": {"num_epochs": 10, "checkpoint_every": 5},
+        "model": {"n_layers": 1, "n_heads": 4, "d_model": 128, "d_head": 32, "d_mlp": 512},
+    }
     out = validate_config(config)
     assert out["model_name"] == "grokking"
     assert out["training"]["frac_train"] == 0.3 and out["training"]["data_seed"] == 598

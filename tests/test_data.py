@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from demo_reference import demo_dataset
 
 from grokpipe.data import all_pairs, make_split, split_indices
-
-from demo_reference import demo_dataset
 
 
 @pytest.mark.parametrize("p,frac,seed", [(113, 0.3, 598), (31, 0.6, 598), (7, 0.5, 1)])

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from conftest import tiny_config
+from demo_reference import DEMO_MODEL, demo_loop
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from grokpipe.config import grid, validate_config
@@ -9,9 +11,6 @@ from grokpipe.data import make_split
 from grokpipe.lean_forward import forward_fn, last_position_logits, unsupported_reason
 from grokpipe.model import loss_fn
 from grokpipe.train import train
-
-from conftest import tiny_config
-from demo_reference import DEMO_MODEL, demo_loop
 
 CONFIGS = [
     dict(n_layers=1, n_heads=4, d_model=128, d_head=32, d_mlp=512, act_fn="relu"),  # the demo's
@@ -23,8 +22,16 @@ CONFIGS = [
 
 
 def perturbed_model(p, fields):
-    cfg = HookedTransformerConfig(**fields, normalization_type=None, d_vocab=p + 1, d_vocab_out=p, n_ctx=3,
-                                  init_weights=True, seed=3, device="cpu")
+    cfg = HookedTransformerConfig(
+        **fields,
+        normalization_type=None,
+        d_vocab=p + 1,
+        d_vocab_out=p,
+        n_ctx=3,
+        init_weights=True,
+        seed=3,
+        device="cpu",
+    )
     model = HookedTransformer(cfg)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # non-zero biases too, so every parameter is exercised
@@ -58,9 +65,21 @@ def test_logits_and_gradients_match_hooked_transformer(fields):
 
 
 def test_unsupported_configs_fall_back_to_hooked_transformer():
-    model = HookedTransformer(HookedTransformerConfig(
-        n_layers=1, n_heads=2, d_model=16, d_head=8, d_mlp=32, act_fn="relu", normalization_type="LN",
-        d_vocab=6, d_vocab_out=5, n_ctx=3, device="cpu"))
+    model = HookedTransformer(
+        HookedTransformerConfig(
+            n_layers=1,
+            n_heads=2,
+            d_model=16,
+            d_head=8,
+            d_mlp=32,
+            act_fn="relu",
+            normalization_type="LN",
+            d_vocab=6,
+            d_vocab_out=5,
+            n_ctx=3,
+            device="cpu",
+        )
+    )
     assert unsupported_reason(model.cfg) == "normalization_type is set"
     tokens = make_split(5, 0.5, 1).train_tokens
     assert torch.equal(forward_fn(model, "lean")(tokens), model(tokens)[:, -1])
@@ -69,8 +88,15 @@ def test_unsupported_configs_fall_back_to_hooked_transformer():
 def test_lean_training_follows_the_demo_loop_within_float_tolerance(tmp_path):
     torch.set_num_threads(1)
     demo = demo_loop(p=11, frac_train=0.3, num_epochs=300, checkpoint_every=100, seed=999)
-    config = validate_config({"model_name": "demo", "primes": [11], "seeds": [999], "model": DEMO_MODEL,
-                              "training": {"frac_train": 0.3, "num_epochs": 300, "checkpoint_every": 100}})
+    config = validate_config(
+        {
+            "model_name": "demo",
+            "primes": [11],
+            "seeds": [999],
+            "model": DEMO_MODEL,
+            "training": {"frac_train": 0.3, "num_epochs": 300, "checkpoint_every": 100},
+        }
+    )
     meta = train(grid(config)[0], tmp_path / "demo_p11_seed999", threads=1, progress_bar=False)
     # Float32 rounding differs between the two implementations; training amplifies it over time
     # (as a different thread count does). Early epochs agree to rounding, whole curves closely.
@@ -81,8 +107,9 @@ def test_lean_training_follows_the_demo_loop_within_float_tolerance(tmp_path):
 
 
 def test_eval_every_records_null_for_skipped_epochs(tmp_path):
-    config = validate_config(tiny_config(primes=[5], seeds=[0], training={
-        "num_epochs": 23, "checkpoint_every": 10, "eval_every": 4}))
+    config = validate_config(
+        tiny_config(primes=[5], seeds=[0], training={"num_epochs": 23, "checkpoint_every": 10, "eval_every": 4})
+    )
     meta = train(grid(config)[0], tmp_path / "tiny_p5_seed0", progress_bar=False)
     evaluated = [e for e, loss in enumerate(meta["test_losses"]) if loss is not None]
     assert evaluated == [3, 7, 9, 11, 15, 19, 22]  # every 4th, every checkpoint, and the last epoch

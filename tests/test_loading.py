@@ -4,11 +4,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import run_dir_of
 
 import grokpipe
 from grokpipe.errors import GrokpipeError
-
-from conftest import run_dir_of
 
 
 def test_one_checkpoint_file_alone_loads(trained_grid, tmp_path):

@@ -11,14 +11,13 @@ import time
 
 import pytest
 import torch
+from conftest import SNAKEFILE, run_dir_of, snakemake, tiny_config, write_config
 
 import grokpipe
 from grokpipe import atomic, cli, resume
 from grokpipe.config import grid, validate_config
 from grokpipe.layout import RunLayout
 from grokpipe.train import train
-
-from conftest import SNAKEFILE, run_dir_of, snakemake, tiny_config, write_config
 
 
 def spec_for(prime=5, seed=0, **training):
@@ -45,8 +44,9 @@ def wait_for_checkpoints(runs, at_least, proc, timeout=240):
     while time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail("workflow finished before it could be killed; make the runs longer")
-        if all(len(list((r / "checkpoints").glob("checkpoint_*"))) >= at_least for r in runs if r.exists()) \
-                and all(r.exists() for r in runs):
+        if all(len(list((r / "checkpoints").glob("checkpoint_*"))) >= at_least for r in runs if r.exists()) and all(
+            r.exists() for r in runs
+        ):
             return
         time.sleep(0.2)
     pytest.fail("no checkpoints appeared")
@@ -66,12 +66,24 @@ def uninterrupted(tmp_path_factory):
 def test_sigkill_of_the_workflow_resumes_bit_identical(tmp_path, uninterrupted):
     configfile = write_config(tmp_path / "config.yaml", KILL_CONFIG)
     runs = [run_dir_of(tmp_path, p, 0) for p in (5, 7)]
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(tmp_path),
-           "--configfile", str(configfile), "--cores", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(SNAKEFILE),
+        "--directory",
+        str(tmp_path),
+        "--configfile",
+        str(configfile),
+        "--cores",
+        "2",
+    ]
     before = {}
     for kill_after in (6, 30):  # kill twice, at different points of the runs
-        proc = subprocess.Popen(cmd + ["--rerun-incomplete"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd + ["--rerun-incomplete"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         wait_for_checkpoints(runs, kill_after, proc)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -96,12 +108,24 @@ def test_killed_training_job_resumes_on_plain_rerun(tmp_path, uninterrupted):
     config = tiny_config(primes=[7], seeds=[0], training={"num_epochs": 1500, "checkpoint_every": 20})
     configfile = write_config(tmp_path / "config.yaml", config)
     run = run_dir_of(tmp_path, 7, 0)
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(tmp_path),
-           "--configfile", str(configfile), "--cores", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(SNAKEFILE),
+        "--directory",
+        str(tmp_path),
+        "--configfile",
+        str(configfile),
+        "--cores",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for_checkpoints([run], 10, proc)
-    trainer = subprocess.run(["pgrep", "-f", f"grokpipe train {run.relative_to(tmp_path)}"],
-                             capture_output=True, text=True).stdout.split()
+    trainer = subprocess.run(
+        ["pgrep", "-f", f"grokpipe train {run.relative_to(tmp_path)}"], capture_output=True, text=True
+    ).stdout.split()
     assert trainer, "training process not found"
     for pid in trainer:
         os.kill(int(pid), signal.SIGKILL)
@@ -129,7 +153,9 @@ def test_write_error_during_checkpoint_keeps_earlier_ones(tmp_path, monkeypatch,
     assert "checkpoint_epoch_00029.safetensors: write failed (No space left on device)" in err
     assert "Traceback" not in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "checkpoint_epoch_00009.safetensors", "checkpoint_epoch_00019.safetensors"]
+        "checkpoint_epoch_00009.safetensors",
+        "checkpoint_epoch_00019.safetensors",
+    ]
     for epoch in (9, 19):
         ours, ref = grokpipe.load_state_dict(run, epoch), grokpipe.load_state_dict(reference, epoch)
         assert all(torch.equal(ours[k], ref[k]) for k in ref)

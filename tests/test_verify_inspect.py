@@ -5,13 +5,12 @@ import shutil
 import struct
 
 import pytest
+from conftest import grokpipe_cli, run_dir_of, snakemake
 
 from grokpipe import inspect_run, safetensors_header
 from grokpipe.inspect_run import inspect_path, list_runs
 from grokpipe.safetensors_header import HeaderError, read_header
 from grokpipe.verify import sample_epochs, verify_run
-
-from conftest import grokpipe_cli, run_dir_of, snakemake
 
 
 @pytest.fixture
@@ -116,8 +115,20 @@ def bad_indices(run):
     return path, "do not partition the 49 pairs"
 
 
-@pytest.mark.parametrize("damage", [truncate, header_past_end, flip_data_byte, delete_checkpoint, metadata_lengths,
-                                    config_mismatch, tampered_loss, bad_indices], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "damage",
+    [
+        truncate,
+        header_past_end,
+        flip_data_byte,
+        delete_checkpoint,
+        metadata_lengths,
+        config_mismatch,
+        tampered_loss,
+        bad_indices,
+    ],
+    ids=lambda f: f.__name__,
+)
 def test_each_kind_of_damage_is_caught_and_named(run_copy, damage):
     path, expected = damage(run_copy)
     report = verify_run(run_copy)
@@ -137,8 +148,12 @@ def test_list_shows_every_state(trained_grid, run_copy, tmp_path):
         target = results / "tiny" / f"tiny_p5_seed{seed}"
         shutil.copytree(run_dir_of(trained_grid["workdir"], 5, seed), target)
     flip_data_byte(results / "tiny" / "tiny_p5_seed1")
-    grokpipe_cli("verify", str(results / "tiny" / "tiny_p5_seed1"), "--report",
-                 str(results / "tiny" / "tiny_p5_seed1" / "verify.json"))
+    grokpipe_cli(
+        "verify",
+        str(results / "tiny" / "tiny_p5_seed1"),
+        "--report",
+        str(results / "tiny" / "tiny_p5_seed1" / "verify.json"),
+    )
     unfinished = results / "tiny" / "tiny_p11_seed0"  # killed mid-run: checkpoints + resume state only
     shutil.copytree(run_dir_of(trained_grid["workdir"], 7, 0), unfinished)
     for name in ("metadata.json", "config.json", "verify.json", "tiny_p7_seed0.safetensors"):
@@ -202,8 +217,9 @@ def test_inspect_reads_headers_only(trained_grid, monkeypatch):
         def __exit__(self, *exc):
             self.fh.close()
 
-    monkeypatch.setattr(safetensors_header, "open", lambda path, mode="r": CountingFile(real_open(path, mode)),
-                        raising=False)
+    monkeypatch.setattr(
+        safetensors_header, "open", lambda path, mode="r": CountingFile(real_open(path, mode)), raising=False
+    )
     run = run_dir_of(trained_grid["workdir"], 5, 0)
     info = inspect_path(run)
     assert info["state"] == "complete, verified" and info["checkpoint_epochs"] == [9, 19, 29]
@@ -225,17 +241,26 @@ def craft(tmp_path, header: dict, data: bytes) -> str:
     return path
 
 
-@pytest.mark.parametrize("header,data,expected", [
-    ({"a\x00b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "NUL"),
-    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "needs 8 bytes"),
-    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-      "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}, b"\0" * 6, "overlaps"),
-    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "gap"),
-    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 9, "trailing bytes"),
-    ({"a": {"dtype": "X99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "unknown dtype"),
-    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "non-negative"),
-    ({"__metadata__": {"k": 1}}, b"", "strings to strings"),
-])
+@pytest.mark.parametrize(
+    "header,data,expected",
+    [
+        ({"a\x00b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "NUL"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "needs 8 bytes"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]},
+            },
+            b"\0" * 6,
+            "overlaps",
+        ),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "gap"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 9, "trailing bytes"),
+        ({"a": {"dtype": "X99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "unknown dtype"),
+        ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "non-negative"),
+        ({"__metadata__": {"k": 1}}, b"", "strings to strings"),
+    ],
+)
 def test_hostile_headers(tmp_path, header, data, expected):
     with pytest.raises(HeaderError, match=expected):
         read_header(craft(tmp_path, header, data))

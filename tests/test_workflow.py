@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
+from conftest import run_dir_of, snakemake, tiny_config, write_config
 from transformer_lens import HookedTransformer
 
 import grokpipe
 from grokpipe.safetensors_io import read_metadata
-
-from conftest import run_dir_of, snakemake, tiny_config, write_config
 
 GRID = [(5, 0), (5, 1), (7, 0), (7, 1)]
 
@@ -37,11 +36,22 @@ def test_grid_layout(trained_grid, prime, seed):
     assert (run / f"{name}.safetensors").is_file()
     assert (run / "artifacts").is_dir()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "checkpoint_epoch_00009.safetensors", "checkpoint_epoch_00019.safetensors",
-        "checkpoint_epoch_00029.safetensors"]
+        "checkpoint_epoch_00009.safetensors",
+        "checkpoint_epoch_00019.safetensors",
+        "checkpoint_epoch_00029.safetensors",
+    ]
     meta = json.loads((run / "metadata.json").read_text())
-    for key in ("train_losses", "test_losses", "train_indices", "test_indices", "checkpoint_epochs",
-                "grokking_epoch", "grokking_threshold", "files", "config_hash"):
+    for key in (
+        "train_losses",
+        "test_losses",
+        "train_indices",
+        "test_indices",
+        "checkpoint_epochs",
+        "grokking_epoch",
+        "grokking_threshold",
+        "files",
+        "config_hash",
+    ):
         assert key in meta, key
     assert len(meta["train_losses"]) == len(meta["test_losses"]) == 30
     assert sorted(meta["train_indices"] + meta["test_indices"]) == list(range(prime * prime))
@@ -107,8 +117,15 @@ def test_any_run_can_be_requested_by_path(trained_grid):
     target = "results/tiny/tiny_p11_seed4/metadata.json"
     proc = snakemake(trained_grid["workdir"], "-n", "--cores", "1", target, configfile=trained_grid["configfile"])
     assert jobs_planned(proc).get("train") == 1
-    bad = snakemake(trained_grid["workdir"], "-n", "--cores", "1", "results/tiny/tiny_p9_seed0/metadata.json",
-                    configfile=trained_grid["configfile"], check=False)
+    bad = snakemake(
+        trained_grid["workdir"],
+        "-n",
+        "--cores",
+        "1",
+        "results/tiny/tiny_p9_seed0/metadata.json",
+        configfile=trained_grid["configfile"],
+        check=False,
+    )
     assert bad.returncode != 0 and "p = 9 is not a prime" in bad.stdout + bad.stderr
 
 
@@ -120,4 +137,5 @@ def test_lint_is_clean():
 
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Congratulations" in proc.stdout + proc.stderr or "Lints for" not in proc.stdout + proc.stderr
+    assert "Congratulations" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert "Lints for" not in proc.stdout + proc.stderr

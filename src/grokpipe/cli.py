@@ -95,16 +95,21 @@ def cmd_train(args) -> int:
 
     _keep_freed_memory_in_process()
     spec, out, device, threads, threshold = _train_spec(args)
-    train(spec, out, device=device, threads=threads, grokking_threshold=threshold,
-          progress_bar=not args.no_progress)
+    train(spec, out, device=device, threads=threads, grokking_threshold=threshold, progress_bar=not args.no_progress)
     return 0
 
 
 def cmd_convert(args) -> int:
     from .convert import convert
 
-    convert(args.legacy, args.run_dir, model_name=args.model_name, prime=args.prime, seed=args.seed,
-            grokking_threshold=args.grokking_threshold)
+    convert(
+        args.legacy,
+        args.run_dir,
+        model_name=args.model_name,
+        prime=args.prime,
+        seed=args.seed,
+        grokking_threshold=args.grokking_threshold,
+    )
     return 0
 
 
@@ -119,9 +124,11 @@ def cmd_verify(args) -> int:
     for line in report.problems:
         print(line)
     checked = report.checked
-    summary = (f"{checked.get('headers', 0)} files, {checked.get('sha256', 0)} hashes, "
-               f"{checked.get('strict_loads', 0)} strict loads, "
-               f"{len(checked.get('recomputed_test_losses', []))} test losses recomputed")
+    summary = (
+        f"{checked.get('headers', 0)} files, {checked.get('sha256', 0)} hashes, "
+        f"{checked.get('strict_loads', 0)} strict loads, "
+        f"{len(checked.get('recomputed_test_losses', []))} test losses recomputed"
+    )
     if report.ok:
         print(f"verify: {args.run_dir}: ok ({summary})")
         return 0
@@ -195,11 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check that a run directory loads and is consistent")
     p.add_argument("run_dir")
     p.add_argument("--report", help="also write the findings as JSON to this file")
-    p.add_argument("--recompute", default="auto",
-                   help="checkpoints whose test loss is recomputed: auto (all within a budget), all, or a number")
+    p.add_argument(
+        "--recompute",
+        default="auto",
+        help="checkpoints whose test loss is recomputed: auto (all within a budget), all, or a number",
+    )
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("inspect", help="describe a run directory, a checkpoint, or a legacy pickle (no tensor data read)")
+    p = sub.add_parser(
+        "inspect", help="describe a run directory, a checkpoint, or a legacy pickle (no tensor data read)"
+    )
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)

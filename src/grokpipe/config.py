@@ -200,7 +200,7 @@ class RunSpec:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RunSpec":
+    def from_dict(cls, data: dict) -> RunSpec:
         t = dict(data["training"])
         t["betas"] = tuple(t.get("betas", (0.9, 0.98)))
         return cls(

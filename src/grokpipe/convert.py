@@ -91,8 +91,18 @@ def convert(
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.converting-", dir=run_dir.parent))
     try:
-        metadata = _write_run(run, RunLayout(staging, run_dir.name), model_name, prime, seed, hooked, config_hash, legacy_sha,
-                              normalized, grokking_threshold)
+        metadata = _write_run(
+            run,
+            RunLayout(staging, run_dir.name),
+            model_name,
+            prime,
+            seed,
+            hooked,
+            config_hash,
+            legacy_sha,
+            normalized,
+            grokking_threshold,
+        )
         _move_into_place(staging, run_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -100,8 +110,9 @@ def convert(
     return metadata
 
 
-def _write_run(run: LegacyRun, layout: RunLayout, model_name, prime, seed, hooked, config_hash, legacy_sha,
-               normalized, threshold) -> dict:
+def _write_run(
+    run: LegacyRun, layout: RunLayout, model_name, prime, seed, hooked, config_hash, legacy_sha, normalized, threshold
+) -> dict:
     n_ctx = int(hooked.get("n_ctx", 3))
     layout.checkpoints_dir.mkdir(parents=True)
     layout.artifacts_dir.mkdir()
@@ -121,16 +132,19 @@ def _write_run(run: LegacyRun, layout: RunLayout, model_name, prime, seed, hooke
         "checkpoint_every": every,
         "frac_train": len(run.train_indices) / (prime * prime),
     }
-    write_json_atomic(layout.config, {
-        "model_name": model_name,
-        "prime": prime,
-        "seed": seed,
-        "source": "converted",
-        "training": training,  # what the pickle records; lr, weight decay and betas it does not
-        "hooked_transformer_config": hooked,
-        "config_hash": config_hash,
-        "grokpipe_version": __version__,
-    })
+    write_json_atomic(
+        layout.config,
+        {
+            "model_name": model_name,
+            "prime": prime,
+            "seed": seed,
+            "source": "converted",
+            "training": training,  # what the pickle records; lr, weight decay and betas it does not
+            "hooked_transformer_config": hooked,
+            "config_hash": config_hash,
+            "grokpipe_version": __version__,
+        },
+    )
     metadata = {
         "format_version": METADATA_FORMAT_VERSION,
         "source": "converted",

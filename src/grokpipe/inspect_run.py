@@ -43,8 +43,20 @@ def _file_summary(path: Path) -> dict:
 def _config_summary(hooked: dict | None) -> dict | None:
     if not hooked:
         return None
-    keys = ("n_layers", "n_heads", "d_model", "d_head", "d_mlp", "act_fn", "normalization_type", "d_vocab",
-            "d_vocab_out", "n_ctx", "seed", "dtype")
+    keys = (
+        "n_layers",
+        "n_heads",
+        "d_model",
+        "d_head",
+        "d_mlp",
+        "act_fn",
+        "normalization_type",
+        "d_vocab",
+        "d_vocab_out",
+        "n_ctx",
+        "seed",
+        "dtype",
+    )
     return {k: hooked.get(k) for k in keys if k in hooked}
 
 
@@ -114,8 +126,11 @@ def inspect_legacy(path: Path) -> dict:
         "epochs_done": len(train),
         "final_train_loss": float(train[-1]) if len(train) else None,
         "final_test_loss": float(test[-1]) if len(test) else None,
-        "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
-                    for k, v in model.items() if hasattr(v, "shape")},
+        "tensors": {
+            k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+            for k, v in model.items()
+            if hasattr(v, "shape")
+        },
     }
 
 
@@ -144,25 +159,38 @@ def list_runs(results_dir: str | Path) -> list[dict]:
             layout = RunLayout(run_dir)
             state, done = run_state(layout)
             metadata = _json(layout.metadata) or {}
-            rows.append({
-                "model_name": named["model_name"],
-                "prime": int(named["prime"]),
-                "seed": int(named["seed"]),
-                "epochs_done": done,
-                "num_epochs": metadata.get("num_epochs"),
-                "state": state,
-                "grokking_epoch": metadata.get("grokking_epoch"),
-                "final_test_loss": metadata.get("final_test_loss"),
-                "path": str(run_dir),
-            })
+            rows.append(
+                {
+                    "model_name": named["model_name"],
+                    "prime": int(named["prime"]),
+                    "seed": int(named["seed"]),
+                    "epochs_done": done,
+                    "num_epochs": metadata.get("num_epochs"),
+                    "state": state,
+                    "grokking_epoch": metadata.get("grokking_epoch"),
+                    "final_test_loss": metadata.get("final_test_loss"),
+                    "path": str(run_dir),
+                }
+            )
     return sorted(rows, key=lambda r: (r["model_name"], r["prime"], r["seed"]))
 
 
 def format_inspection(info: dict) -> str:
     """Human-readable text of an inspect_path() result."""
     lines = [f"=== {info['format']} ===", f"path: {info['path']}"]
-    for key in ("state", "source", "model_name", "prime", "seed", "epochs_done", "final_train_loss",
-                "final_test_loss", "grokking_epoch", "grokking_threshold", "bytes"):
+    for key in (
+        "state",
+        "source",
+        "model_name",
+        "prime",
+        "seed",
+        "epochs_done",
+        "final_train_loss",
+        "final_test_loss",
+        "grokking_epoch",
+        "grokking_threshold",
+        "bytes",
+    ):
         if info.get(key) is not None:
             lines.append(f"{key}: {info[key]}")
     if info.get("training"):
@@ -191,5 +219,7 @@ def format_listing(rows: list[dict]) -> str:
         epochs = f"{r['epochs_done'] if r['epochs_done'] is not None else '-'}/{r['num_epochs'] or '?'}"
         grok = "-" if r["grokking_epoch"] is None else str(r["grokking_epoch"])
         loss = "-" if r["final_test_loss"] is None else f"{r['final_test_loss']:.3g}"
-        lines.append(f"{r['model_name']:<16} {r['prime']:>5} {r['seed']:>5} {epochs:>13} {grok:>10} {loss:>10}  {r['state']}")
+        lines.append(
+            f"{r['model_name']:<16} {r['prime']:>5} {r['seed']:>5} {epochs:>13} {grok:>10} {loss:>10}  {r['state']}"
+        )
     return "\n".join(lines)

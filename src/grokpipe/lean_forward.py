@@ -28,8 +28,12 @@ def unsupported_reason(cfg) -> str | None:
         "grouped-query attention": cfg.n_key_value_heads is not None,
         "parallel attention and MLP": cfg.parallel_attn_mlp,
         "attention without scaling or with extra options": (
-            not cfg.use_attn_scale or cfg.use_qk_norm or cfg.attn_scores_soft_cap > 0
-            or cfg.output_logits_soft_cap > 0 or cfg.attn_types is not None or cfg.use_attention_sinks
+            not cfg.use_attn_scale
+            or cfg.use_qk_norm
+            or cfg.attn_scores_soft_cap > 0
+            or cfg.output_logits_soft_cap > 0
+            or cfg.attn_types is not None
+            or cfg.use_attention_sinks
             or cfg.scale_attn_by_inverse_layer_idx
         ),
     }

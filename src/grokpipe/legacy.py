@@ -34,8 +34,16 @@ CONFIG_CLASS_PATHS = (
     "transformer_lens.config.hooked_transformer_config.HookedTransformerConfig",  # TL 3.x
     "transformer_lens.config.HookedTransformerConfig.HookedTransformerConfig",
 )
-REQUIRED_KEYS = ("model", "config", "checkpoints", "checkpoint_epochs", "test_losses", "train_losses",
-                 "train_indices", "test_indices")
+REQUIRED_KEYS = (
+    "model",
+    "config",
+    "checkpoints",
+    "checkpoint_epochs",
+    "test_losses",
+    "train_losses",
+    "train_indices",
+    "test_indices",
+)
 
 
 class LegacyConfig:
@@ -63,8 +71,11 @@ def _numpy_allowlist() -> list:
         return []
     core = getattr(np, "_core", None) or np.core
     scalar = core.multiarray.scalar
-    entries = [(scalar, "numpy._core.multiarray.scalar"), (scalar, "numpy.core.multiarray.scalar"),
-               (np.dtype, "numpy.dtype")]
+    entries = [
+        (scalar, "numpy._core.multiarray.scalar"),
+        (scalar, "numpy.core.multiarray.scalar"),
+        (np.dtype, "numpy.dtype"),
+    ]
     for code in "?bBhHiIlLqQefdgFD":
         cls = type(np.dtype(code))
         entries.append((cls, f"numpy.dtypes.{cls.__name__}"))
@@ -215,8 +226,10 @@ def _epoch_state(run: LegacyRun, epoch: int | None) -> dict[str, torch.Tensor]:
     if epoch is None:
         return run.model
     if int(epoch) not in run.checkpoint_epochs:
-        raise GrokpipeError(f"{run.path}: no checkpoint for epoch {epoch}; it holds {len(run.checkpoint_epochs)} "
-                            f"checkpoints from epoch {min(run.checkpoint_epochs, default='-')}")
+        raise GrokpipeError(
+            f"{run.path}: no checkpoint for epoch {epoch}; it holds {len(run.checkpoint_epochs)} "
+            f"checkpoints from epoch {min(run.checkpoint_epochs, default='-')}"
+        )
     return run.checkpoints[run.checkpoint_epochs.index(int(epoch))]
 
 

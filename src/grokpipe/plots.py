@@ -35,8 +35,13 @@ def plot_run(metadata: dict, *paths: Path) -> None:
         ax.plot(*_series(metadata[key]), label=label, linewidth=1)
     grok = metadata.get("grokking_epoch")
     if grok is not None:
-        ax.axvline(grok, color="grey", linestyle="--", linewidth=1,
-                   label=f"grokking epoch {grok} (test loss < {metadata.get('grokking_threshold')})")
+        ax.axvline(
+            grok,
+            color="grey",
+            linestyle="--",
+            linewidth=1,
+            label=f"grokking epoch {grok} (test loss < {metadata.get('grokking_threshold')})",
+        )
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
@@ -58,8 +63,17 @@ def plot_grid(metadatas: list[dict], *paths: Path) -> None:
     _save(fig, *paths)
 
 
-SUMMARY_COLUMNS = ("model_name", "prime", "seed", "source", "num_epochs", "final_train_loss", "final_test_loss",
-                   "grokking_epoch", "grokking_threshold")
+SUMMARY_COLUMNS = (
+    "model_name",
+    "prime",
+    "seed",
+    "source",
+    "num_epochs",
+    "final_train_loss",
+    "final_test_loss",
+    "grokking_epoch",
+    "grokking_threshold",
+)
 
 
 def summary_rows(metadatas: list[dict]) -> list[dict]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+
 import torch
 
 from .atomic import sha256_file, write_json_atomic
@@ -61,9 +62,7 @@ def save(layout: RunLayout, model, optimizer, progress: Progress, config_hash: s
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update(_optimizer_tensors(model, optimizer))
     tensors_name = _tensors_filename(progress.epoch)
-    digest = write_model_file(
-        layout.resume_dir / tensors_name, tensors, {"format": "pt", "epoch": str(progress.epoch)}
-    )
+    digest = write_model_file(layout.resume_dir / tensors_name, tensors, {"format": "pt", "epoch": str(progress.epoch)})
     write_json_atomic(
         layout.resume_dir / STATE_JSON,
         {

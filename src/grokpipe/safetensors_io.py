@@ -21,7 +21,13 @@ def provenance(spec: RunSpec, epoch: int, kind: str, hooked_config: dict) -> dic
 
 
 def header(
-    model_name: str, prime: int, seed: int, config_hash: str, epoch: int, kind: str, hooked_config: dict,
+    model_name: str,
+    prime: int,
+    seed: int,
+    config_hash: str,
+    epoch: int,
+    kind: str,
+    hooked_config: dict,
     source: str = "trained",
 ) -> dict[str, str]:
     """String-only ``__metadata__`` of a model file (safetensors' rule); ``format=pt`` is what

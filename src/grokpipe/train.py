@@ -24,10 +24,10 @@ from ._version import __version__
 from .atomic import remove_stale_temporaries, sha256_file, write_bytes_atomic, write_json_atomic
 from .config import RunSpec
 from .data import make_split
+from .errors import GrokpipeError
 from .layout import RunLayout
 from .lean_forward import forward_fn, unsupported_reason
 from .model import config_to_json, loss_fn, resolve_device, training_model
-from .errors import GrokpipeError
 from .safetensors_io import first_difference, provenance, read_metadata, read_tensors, serialize_state_dict
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,10 @@ def train(
             bar.set_postfix(train=f"{progress.train_losses[-1]:.3g}", test=f"{progress.test_losses[-1]:.3g}")
             log.info(
                 "epoch %d train_loss %.6g test_loss %.6g -> %s",
-                epoch, progress.train_losses[-1], progress.test_losses[-1], layout.relative(path),
+                epoch,
+                progress.train_losses[-1],
+                progress.test_losses[-1],
+                layout.relative(path),
             )
     bar.close()
 
@@ -191,7 +194,10 @@ def train(
     write_json_atomic(layout.metadata, metadata)
     log.info(
         "%s: done, %d epochs, final train_loss %.6g test_loss %.6g, grokking epoch %s",
-        layout.name, t.num_epochs, progress.train_losses[-1], progress.test_losses[-1],
+        layout.name,
+        t.num_epochs,
+        progress.train_losses[-1],
+        progress.test_losses[-1],
         metadata["grokking_epoch"],
     )
     return metadata
@@ -210,8 +216,9 @@ def _config_record(spec: RunSpec, hooked_config: dict) -> dict:
     }
 
 
-def _metadata_record(spec, progress: resume.Progress, split, threshold: float, device: str, threads: int,
-                     implementation: str) -> dict:
+def _metadata_record(
+    spec, progress: resume.Progress, split, threshold: float, device: str, threads: int, implementation: str
+) -> dict:
     import transformer_lens
 
     checkpoint_epochs = sorted(progress.checkpoint_epochs)
@@ -248,4 +255,3 @@ def _metadata_record(spec, progress: resume.Progress, split, threshold: float, d
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         },
     }
-

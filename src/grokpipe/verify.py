@@ -52,8 +52,13 @@ class Report:
         self.problems.append(f"{path}: {message}")
 
     def to_dict(self) -> dict:
-        return {"run": str(self.run), "ok": self.ok, "problems": self.problems, "checked": self.checked,
-                "grokpipe_version": __version__}
+        return {
+            "run": str(self.run),
+            "ok": self.ok,
+            "problems": self.problems,
+            "checked": self.checked,
+            "grokpipe_version": __version__,
+        }
 
 
 def _read_json(report: Report, path: Path) -> dict | None:
@@ -155,19 +160,26 @@ def _check_metadata(report: Report, layout: RunLayout, metadata: dict, headers: 
     if listed != on_disk:
         missing = sorted(set(listed or []) - set(on_disk))
         extra = sorted(set(on_disk) - set(listed or []))
-        detail = "; ".join(filter(None, [missing and f"no file for epochs {missing}",
-                                         extra and f"files not listed for epochs {extra}"]))
+        detail = "; ".join(
+            filter(
+                None, [missing and f"no file for epochs {missing}", extra and f"files not listed for epochs {extra}"]
+            )
+        )
         report.problem(meta_path, f"checkpoint_epochs do not match the files on disk ({detail or 'order differs'})")
     for epoch, header in headers.items():
         label = header.metadata.get("epoch")
         want = metadata.get("final_epoch") if epoch is None else epoch
         if label is not None and want is not None and label != str(want):
-            report.problem(layout.checkpoint(epoch) if epoch is not None else layout.final_model,
-                           f"header says epoch {label}, expected {want}")
+            report.problem(
+                layout.checkpoint(epoch) if epoch is not None else layout.final_model,
+                f"header says epoch {label}, expected {want}",
+            )
         for key in ("prime", "seed"):
             if key in header.metadata and str(metadata.get(key)) != header.metadata[key]:
-                report.problem(layout.checkpoint(epoch) if epoch is not None else layout.final_model,
-                               f"header {key} {header.metadata[key]} differs from metadata.json ({metadata.get(key)})")
+                report.problem(
+                    layout.checkpoint(epoch) if epoch is not None else layout.final_model,
+                    f"header {key} {header.metadata[key]} differs from metadata.json ({metadata.get(key)})",
+                )
     num_epochs = metadata.get("num_epochs")
     for key in ("train_losses", "test_losses"):
         losses = metadata.get(key)
@@ -179,15 +191,17 @@ def _check_metadata(report: Report, layout: RunLayout, metadata: dict, headers: 
     if not isinstance(prime, int) or not isinstance(train, list) or not isinstance(test, list):
         report.problem(meta_path, "prime, train_indices or test_indices missing")
     elif sorted(train + test) != list(range(prime * prime)):
-        report.problem(meta_path, f"train_indices and test_indices do not partition the {prime * prime} pairs of p = {prime}")
+        report.problem(
+            meta_path, f"train_indices and test_indices do not partition the {prime * prime} pairs of p = {prime}"
+        )
 
 
 def _check_strict_loads(report: Report, layout: RunLayout, config: dict, files: dict, intact: set) -> dict:
     """Strictly load every well-formed file into a HookedTransformer built from config.json.
     Returns {epoch: model} for the intact checkpoints (hash-verified), for loss recomputation."""
+    from .errors import GrokpipeError
     from .model import config_from_json, empty_model
     from .safetensors_io import read_tensors
-    from .errors import GrokpipeError
 
     hooked = config.get("hooked_transformer_config")
     try:
@@ -246,6 +260,8 @@ def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, 
             value = loss_fn(forward(test_tokens), test_labels).item()
             recorded = test_losses[epoch]
             if abs(value - recorded) > rel_tol * abs(recorded) + abs_tol:
-                report.problem(layout.checkpoint(epoch),
-                               f"test loss recomputed from its weights is {value!r}, metadata.json records {recorded!r}")
+                report.problem(
+                    layout.checkpoint(epoch),
+                    f"test loss recomputed from its weights is {value!r}, metadata.json records {recorded!r}",
+                )
     report.checked["recomputed_test_losses"] = chosen

@@ -13,13 +13,13 @@ rule verify:
         metadata=f"{RUN}/metadata.json",
     output:
         f"{RUN}/verify.json",
-    params:
-        run_dir=run_dir,
     log:
         "logs/{model_name}/verify/{model_name}_p{prime}_seed{seed}.log",
-    threads: 1
     conda:
         CONDA_ENV
+    threads: 1
+    params:
+        run_dir=run_dir,
     shell:
         "grokpipe verify {params.run_dir:q} --report {output:q} > {log:q} 2>&1"
 
@@ -35,13 +35,13 @@ rule plot_run:
             labels={"model": "{model_name}", "prime": "{prime}", "seed": "{seed}"},
         ),
         svg=f"{RUN}/artifacts/loss_curves.svg",
-    params:
-        run_dir=run_dir,
     log:
         "logs/{model_name}/plot/{model_name}_p{prime}_seed{seed}.log",
-    threads: 1
     conda:
         CONDA_ENV
+    threads: 1
+    params:
+        run_dir=run_dir,
     shell:
         "grokpipe plot {params.run_dir:q} > {log:q} 2>&1"
 
@@ -59,13 +59,13 @@ rule summarize:
             labels={"model": "{model_name}", "figure": "test loss of every run"},
         ),
         svg=f"{RESULTS}/{{model_name}}/test_curves.svg",
+    log:
+        "logs/{model_name}/summarize.log",
+    conda:
+        CONDA_ENV
+    threads: 1
     params:
         run_dirs=run_dirs_of,
         out_dir=lambda wildcards: f"{RESULTS}/{wildcards.model_name}",
-    log:
-        "logs/{model_name}/summarize.log",
-    threads: 1
-    conda:
-        CONDA_ENV
     shell:
         "grokpipe summarize --out-dir {params.out_dir:q} {params.run_dirs:q} > {log:q} 2>&1"

@@ -40,7 +40,9 @@ def run_dir(wildcards):
 def train_spec(wildcards):
     """JSON spec of the requested run; a params value, so changing a hyperparameter reruns it."""
     try:
-        return train_spec_json(config, wildcards.model_name, wildcards.prime, wildcards.seed)
+        return train_spec_json(
+            config, wildcards.model_name, wildcards.prime, wildcards.seed
+        )
     except GrokpipeError as exc:
         raise WorkflowError(str(exc)) from None
 
@@ -58,7 +60,11 @@ def legacy_runs():
 
 def runs():
     """(model_name, prime, seed) of every run: the configured grid and every legacy pickle."""
-    grid = [(config["model_name"], str(p), str(s)) for p in config["primes"] for s in config["seeds"]]
+    grid = [
+        (config["model_name"], str(p), str(s))
+        for p in config["primes"]
+        for s in config["seeds"]
+    ]
     return sorted(set(grid + legacy_runs()))
 
 
@@ -69,7 +75,11 @@ def run_file(run, name):
 
 def runs_of_model(wildcards):
     """metadata.json of every run of one model name (the input of its grid summary)."""
-    return [run_file(run, "metadata.json") for run in runs() if run[0] == wildcards.model_name]
+    return [
+        run_file(run, "metadata.json")
+        for run in runs()
+        if run[0] == wildcards.model_name
+    ]
 
 
 def run_dirs_of(wildcards, input):
@@ -78,7 +88,13 @@ def run_dirs_of(wildcards, input):
 
 def final_targets():
     """Per run: metadata, verification and loss curves; per model name: the grid summary."""
-    per_run = [run_file(run, name) for run in runs() for name in ("metadata.json", "verify.json",
-                                                                   "artifacts/loss_curves.png")]
-    per_model = [f"{RESULTS}/{model_name}/summary.csv" for model_name in sorted({run[0] for run in runs()})]
+    per_run = [
+        run_file(run, name)
+        for run in runs()
+        for name in ("metadata.json", "verify.json", "artifacts/loss_curves.png")
+    ]
+    per_model = [
+        f"{RESULTS}/{model_name}/summary.csv"
+        for model_name in sorted({run[0] for run in runs()})
+    ]
     return per_run + per_model

@@ -12,14 +12,14 @@ rule convert:
         model=f"{RUN}/{{model_name}}_p{{prime}}_seed{{seed}}.safetensors",
         config=f"{RUN}/config.json",
         metadata=f"{RUN}/metadata.json",
+    log:
+        "logs/{model_name}/convert/{model_name}_p{prime}_seed{seed}.log",
+    conda:
+        CONDA_ENV
+    threads: 1
     params:
         run_dir=run_dir,
         grokking_threshold=config["grokking_threshold"],
-    log:
-        "logs/{model_name}/convert/{model_name}_p{prime}_seed{seed}.log",
-    threads: 1
-    conda:
-        CONDA_ENV
     shell:
         "grokpipe convert {input.legacy:q} {params.run_dir:q}"
         " --grokking-threshold {params.grokking_threshold} 2> {log:q}"

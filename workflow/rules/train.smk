@@ -7,20 +7,20 @@ rule train:
         model=f"{RUN}/{{model_name}}_p{{prime}}_seed{{seed}}.safetensors",
         config=f"{RUN}/config.json",
         metadata=f"{RUN}/metadata.json",
+    log:
+        "logs/{model_name}/train/{model_name}_p{prime}_seed{seed}.log",
+    benchmark:
+        "benchmarks/{model_name}/train/{model_name}_p{prime}_seed{seed}.tsv"
+    conda:
+        CONDA_ENV
+    threads: config["threads_per_run"]
+    resources:
+        gpu=1 if config["device"] == "cuda" else 0,
     params:
         run_dir=run_dir,
         spec=train_spec,
         device=config["device"],
         grokking_threshold=config["grokking_threshold"],
-    log:
-        "logs/{model_name}/train/{model_name}_p{prime}_seed{seed}.log",
-    benchmark:
-        "benchmarks/{model_name}/train/{model_name}_p{prime}_seed{seed}.tsv"
-    threads: config["threads_per_run"]
-    resources:
-        gpu=1 if config["device"] == "cuda" else 0,
-    conda:
-        CONDA_ENV
     shell:
         "grokpipe train {params.run_dir:q} --spec {params.spec:q} --device {params.device}"
         " --threads {threads} --grokking-threshold {params.grokking_threshold} 2> {log:q}"
