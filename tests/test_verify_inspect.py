@@ -3,6 +3,7 @@
 import json
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 from conftest import grokpipe_cli, run_dir_of, snakemake
@@ -18,7 +19,8 @@ def run_copy(trained_grid, tmp_path):
     """A private copy of a trained tiny run to damage."""
     target = tmp_path / "results" / "tiny" / "tiny_p7_seed1"
     shutil.copytree(run_dir_of(trained_grid["workdir"], 7, 1), target)
-    (target / "verify.json").unlink(missing_ok=True)
+    for name in ("verify.json", "verification.json"):
+        (target / name).unlink(missing_ok=True)
     return target
 
 
@@ -88,7 +90,7 @@ def metadata_lengths(run):
     meta = json.loads(path.read_text())
     meta["test_losses"] = meta["test_losses"][:-1]
     path.write_text(json.dumps(meta))
-    return path, "test_losses has 29 entries, num_epochs is 30"
+    return path, "test_losses has 29 entries for final_epoch 29"
 
 
 def config_mismatch(run):
@@ -156,7 +158,7 @@ def test_list_shows_every_state(trained_grid, run_copy, tmp_path):
     )
     unfinished = results / "tiny" / "tiny_p11_seed0"  # killed mid-run: checkpoints + resume state only
     shutil.copytree(run_dir_of(trained_grid["workdir"], 7, 0), unfinished)
-    for name in ("metadata.json", "config.json", "verify.json", "tiny_p7_seed0.safetensors"):
+    for name in ("metadata.json", "config.json", "verify.json", "verification.json", "tiny_p7_seed0.safetensors"):
         (unfinished / name).unlink()
     state = json.loads((unfinished / "resume" / "training_state.json").read_text())
     rows = {(r["prime"], r["seed"]): r for r in list_runs(results)}
@@ -259,11 +261,42 @@ def craft(tmp_path, header: dict, data: bytes) -> str:
         ({"a": {"dtype": "X99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "unknown dtype"),
         ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "non-negative"),
         ({"__metadata__": {"k": 1}}, b"", "strings to strings"),
+        ({"__metadata__": ["format", "pt"]}, b"", "must be an object"),
+        ({"__metadata__": False}, b"", "must be an object"),
+        ({"__metadata__": None}, b"", "must be an object"),
     ],
 )
 def test_hostile_headers(tmp_path, header, data, expected):
     with pytest.raises(HeaderError, match=expected):
         read_header(craft(tmp_path, header, data))
+
+
+def craft_raw(tmp_path, raw: bytes, data: bytes = b"") -> Path:
+    path = tmp_path / "crafted.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "raw,data,expected",
+    [
+        (b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"", "nested too deeply"),
+        (
+            b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},'
+            b' "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+            b"\0" * 4,
+            "names 'a' twice",
+        ),
+    ],
+    ids=["deep-nesting", "duplicate-name"],
+)
+def test_hostile_header_json_is_refused_by_the_parser_and_the_cli(tmp_path, raw, data, expected):
+    path = craft_raw(tmp_path, raw, data)
+    with pytest.raises(HeaderError, match=expected):
+        read_header(path)
+    proc = grokpipe_cli("inspect", str(path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(path) in proc.stderr and expected in proc.stderr
 
 
 def test_sample_epochs_is_all_when_cheap_else_even():

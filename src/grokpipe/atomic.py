@@ -1,6 +1,7 @@
 """Crash-safe file writes: temporary file in the same directory, fsync, rename, fsync the directory.
 
-A reader sees either the old file or the complete new one, never a torn file; a crash or a write
+A reader sees either the old file or the complete new one, never a torn file; files and directories
+get the permissions the umask gives (0644/0755 under umask 022), as with a plain ``open``; a crash or a write
 error leaves at most a temporary file (``.NAME.tmp-*``), which :func:`remove_stale_temporaries`
 clears on the next run.
 """
@@ -16,6 +17,27 @@ from pathlib import Path
 from .errors import GrokpipeError
 
 TMP_MARKER = ".tmp-"
+
+
+def current_umask() -> int:
+    """The process umask (Linux reports it in /proc; elsewhere it is read by setting it back)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_unique_dir(parent: Path, prefix: str) -> Path:
+    """A new uniquely named directory under ``parent`` with the umask's permissions (``mkdtemp``
+    alone makes it 0700, which hides results from colleagues on a shared file system)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~current_umask())
+    return path
 
 
 def fsync_dir(directory: Path) -> None:
@@ -38,6 +60,8 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> str:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARKER}", dir=path.parent)
+        # mkstemp creates 0600 whatever the umask; the file gets what open() would have given it.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -58,8 +82,9 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> str:
 
 
 def write_json_atomic(path: str | Path, data) -> str:
-    """Write ``data`` as indented JSON crash-safely; returns the file's sha256."""
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    """Write ``data`` as indented, strict JSON crash-safely (NaN/inf are refused, never written as
+    the invalid tokens ``NaN``/``Infinity``); returns the file's sha256."""
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
     return write_bytes_atomic(path, text.encode())
 
 

@@ -109,16 +109,22 @@ def cmd_convert(args) -> int:
         prime=args.prime,
         seed=args.seed,
         grokking_threshold=args.grokking_threshold,
+        force=args.force,
     )
     return 0
 
 
 def cmd_verify(args) -> int:
     from .atomic import write_json_atomic
+    from .layout import RunLayout
     from .verify import verify_run
 
     recompute = args.recompute if args.recompute in ("auto", "all") else int(args.recompute)
     report = verify_run(args.run_dir, recompute=recompute)
+    if Path(args.run_dir).is_dir():
+        # The outcome stays in the run, where list and inspect see it, even when Snakemake deletes
+        # the failed job's --report output.
+        write_json_atomic(RunLayout(Path(args.run_dir)).verification, report.to_dict())
     if args.report:
         write_json_atomic(args.report, report.to_dict())
     for line in report.problems:
@@ -197,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prime", type=int, help="default: from the run directory name")
     p.add_argument("--seed", type=int, help="default: from the run directory name")
     p.add_argument("--grokking-threshold", type=float, default=0.01)
+    p.add_argument("--force", action="store_true", help="replace a run that already exists at run_dir")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("verify", help="check that a run directory loads and is consistent")

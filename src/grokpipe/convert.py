@@ -13,19 +13,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ._version import __version__
-from .atomic import fsync_dir, sha256_file, write_json_atomic
+from .atomic import fsync_dir, make_unique_dir, sha256_file, write_json_atomic
 from .config import canonical_json, run_name
 from .errors import GrokpipeError
 from .layout import RUN_DIR_RE, RunLayout
 from .legacy import LegacyRun, hooked_config_from_legacy, normalize_buffers, read_legacy
 from .safetensors_io import first_difference, header, read_tensors, write_model_file
 from .train import EPOCH_CONVENTION, METADATA_FORMAT_VERSION, grokking_epoch
+from .writer_lock import writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,14 @@ def convert(
     prime: int | None = None,
     seed: int | None = None,
     grokking_threshold: float = 0.01,
+    force: bool = False,
 ) -> dict:
     """Convert ``legacy_path`` into ``run_dir``; returns the metadata written.
 
     Model name, prime and seed come from the run directory's name when it follows
-    ``{model_name}_p{prime}_seed{seed}``, else from the arguments or the pickled config.
+    ``{model_name}_p{prime}_seed{seed}``, else from the arguments or the pickled config. An existing
+    non-empty ``run_dir`` is refused unless ``force`` (then it is replaced, only once the new run is
+    complete). The run's writer lock is held throughout.
     """
     legacy_path, run_dir = Path(legacy_path), Path(run_dir)
     run = read_legacy(legacy_path)
@@ -88,8 +91,30 @@ def convert(
 
     legacy_sha = sha256_file(legacy_path)
     config_hash = hashlib.sha256(canonical_json({"hooked": hooked, "legacy_sha256": legacy_sha}).encode()).hexdigest()
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.converting-", dir=run_dir.parent))
+    with writer_lock(run_dir, "convert"):
+        if run_dir.exists() and any(run_dir.iterdir()) and not force:
+            raise GrokpipeError(f"{run_dir}: already holds a run; pass --force to replace it (nothing was written)")
+        _remove_stale_staging(run_dir)
+        metadata = _convert_locked(
+            run, run_dir, model_name, prime, seed, hooked, config_hash, legacy_sha, normalized, grokking_threshold
+        )
+    log.info("converted %s -> %s (%d checkpoints)", legacy_path, run_dir, len(run.checkpoints))
+    return metadata
+
+
+STAGING_MARKERS = (".converting-", ".replaced-")
+
+
+def _remove_stale_staging(run_dir: Path) -> None:
+    """Staging and set-aside directories a killed convert left beside ``run_dir`` (safe: the lock is held)."""
+    for entry in run_dir.parent.glob(f".{run_dir.name}.*"):
+        if entry.is_dir() and any(entry.name.startswith(f".{run_dir.name}{m}") for m in STAGING_MARKERS):
+            log.info("removing %s, left by an interrupted conversion", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _convert_locked(run, run_dir, model_name, prime, seed, hooked, config_hash, legacy_sha, normalized, threshold):
+    staging = make_unique_dir(run_dir.parent, f".{run_dir.name}.converting-")
     try:
         metadata = _write_run(
             run,
@@ -101,12 +126,11 @@ def convert(
             config_hash,
             legacy_sha,
             normalized,
-            grokking_threshold,
+            threshold,
         )
         _move_into_place(staging, run_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("converted %s -> %s (%d checkpoints)", legacy_path, run_dir, len(run.checkpoints))
     return metadata
 
 
@@ -181,11 +205,12 @@ def _write_run(
 
 
 def _move_into_place(staging: Path, run_dir: Path) -> None:
-    """Rename the finished staging directory to ``run_dir``; an existing run there is replaced."""
+    """Rename the finished staging directory to ``run_dir``; an existing run there (``--force``) is
+    set aside first and removed once the new one is in place."""
     if run_dir.exists():
         if any(run_dir.iterdir()):
-            log.warning("%s existed and is replaced by the conversion", run_dir)
-        aside = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.replaced-", dir=run_dir.parent))
+            log.warning("%s existed and is replaced by the conversion (--force)", run_dir)
+        aside = make_unique_dir(run_dir.parent, f".{run_dir.name}.replaced-")
         run_dir.rename(aside / run_dir.name)
         staging.rename(run_dir)
         shutil.rmtree(aside, ignore_errors=True)

@@ -60,12 +60,27 @@ def _config_summary(hooked: dict | None) -> dict | None:
     return {k: hooked.get(k) for k in keys if k in hooked}
 
 
+def latest_verification(layout: RunLayout) -> dict | None:
+    """The latest verify outcome of the run as it is now (one older than metadata.json is stale)."""
+    for path in (layout.verification, layout.root / "verify.json"):
+        try:
+            current = path.stat().st_mtime_ns >= layout.metadata.stat().st_mtime_ns
+        except OSError:
+            continue
+        report = _json(path)
+        if current and report is not None:
+            return report
+    return None
+
+
 def run_state(layout: RunLayout) -> tuple[str, int | None]:
     """(state, epochs done) of a run directory, from its JSON files only."""
     metadata = _json(layout.metadata)
-    verify = _json(layout.root / "verify.json")
+    verify = latest_verification(layout)
     if metadata is not None:
-        if verify is not None and not verify.get("ok", False):
+        if metadata.get("diverged_at_epoch") is not None:
+            state = f"diverged at epoch {metadata['diverged_at_epoch']}"
+        elif verify is not None and not verify.get("ok", False):
             state = "verification failed"
         elif metadata.get("source") == "converted":
             state = "converted from legacy"
@@ -102,6 +117,8 @@ def inspect_run(run_dir: Path) -> dict:
         "final_test_loss": metadata.get("final_test_loss"),
         "grokking_epoch": metadata.get("grokking_epoch"),
         "grokking_threshold": metadata.get("grokking_threshold"),
+        "diverged_at_epoch": metadata.get("diverged_at_epoch"),
+        "verification_problems": (latest_verification(layout) or {}).get("problems"),
         "final_model": final,
     }
 
@@ -180,6 +197,7 @@ def format_inspection(info: dict) -> str:
     lines = [f"=== {info['format']} ===", f"path: {info['path']}"]
     for key in (
         "state",
+        "diverged_at_epoch",
         "source",
         "model_name",
         "prime",
@@ -193,6 +211,9 @@ def format_inspection(info: dict) -> str:
     ):
         if info.get(key) is not None:
             lines.append(f"{key}: {info[key]}")
+    if info.get("verification_problems"):
+        lines.append("verification problems:")
+        lines += [f"  {problem}" for problem in info["verification_problems"]]
     if info.get("training"):
         lines.append("training: " + ", ".join(f"{k}={v}" for k, v in info["training"].items()))
     if info.get("config"):

@@ -9,6 +9,7 @@
         resume/                                         optimizer state for resuming (latest only)
         metadata.json                                   losses, indices, epochs, sha256 of files
         config.json                                     model config + training hyperparameters
+        verification.json                               latest ``grokpipe verify`` outcome
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ class RunLayout:
     @property
     def config(self) -> Path:
         return self.root / "config.json"
+
+    @property
+    def verification(self) -> Path:
+        """The latest ``grokpipe verify`` outcome (kept even when Snakemake deletes a failed report)."""
+        return self.root / "verification.json"
 
     def checkpoint(self, epoch: int) -> Path:
         return self.checkpoints_dir / checkpoint_filename(epoch)

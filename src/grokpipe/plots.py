@@ -73,6 +73,7 @@ SUMMARY_COLUMNS = (
     "final_test_loss",
     "grokking_epoch",
     "grokking_threshold",
+    "diverged_at_epoch",
 )
 
 

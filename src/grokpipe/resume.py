@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -39,10 +40,12 @@ class Progress:
     """What a run has done so far (held in memory during training, persisted in the resume state)."""
 
     epoch: int = -1  # last completed 0-based epoch; -1 before the first
-    train_losses: list[float] = field(default_factory=list)
-    test_losses: list[float | None] = field(default_factory=list)  # None: epoch not evaluated
+    train_losses: list[float | None] = field(default_factory=list)  # None: not finite (diverged)
+    test_losses: list[float | None] = field(default_factory=list)  # None: not evaluated, or not finite
     checkpoint_epochs: list[int] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # run-relative path -> sha256
+    diverged_at_epoch: int | None = None  # first epoch with a non-finite loss
+    segments: list[dict] = field(default_factory=list)  # one per process that trained epochs
 
 
 def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -75,6 +78,8 @@ def save(layout: RunLayout, model, optimizer, progress: Progress, config_hash: s
             "test_losses": progress.test_losses,
             "checkpoint_epochs": progress.checkpoint_epochs,
             "files": progress.files,
+            "diverged_at_epoch": progress.diverged_at_epoch,
+            "segments": progress.segments,
         },
     )
     for old in layout.resume_dir.glob("state_epoch_*.safetensors"):
@@ -97,15 +102,19 @@ def load(layout: RunLayout, config_hash: str, num_epochs: int) -> tuple[Loaded |
     try:
         state = json.loads(state_path.read_text())
         epoch = int(state["epoch"])
+        if Path(state["tensors_file"]).name != state["tensors_file"]:
+            raise ValueError(f"tensors_file {state['tensors_file']!r} is not a file name in resume/")
         tensors_path = layout.resume_dir / state["tensors_file"]
         recorded_hash = state["config_hash"]
         expected_sha = state["tensors_sha256"]
         progress = Progress(
             epoch=epoch,
-            train_losses=[float(x) for x in state["train_losses"]],
+            train_losses=[None if x is None else float(x) for x in state["train_losses"]],
             test_losses=[None if x is None else float(x) for x in state["test_losses"]],
             checkpoint_epochs=[int(x) for x in state["checkpoint_epochs"]],
             files={str(k): str(v) for k, v in state["files"].items()},
+            diverged_at_epoch=state.get("diverged_at_epoch"),
+            segments=[dict(segment) for segment in state.get("segments", [])],
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return None, f"{state_path} is unreadable ({exc})"

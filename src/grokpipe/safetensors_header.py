@@ -4,7 +4,8 @@ The format: 8 bytes little-endian header length N, N bytes of JSON, then the ten
 reads only those 8 + N bytes and checks everything a hostile or damaged file could get wrong:
 N bounded and inside the file, valid UTF-8 JSON, known dtypes, non-negative shapes,
 dtype size × shape = byte length, offsets contiguous from 0 to exactly the end of the file,
-no NUL in tensor names, string-only ``__metadata__``.
+no NUL in tensor names, no name given twice, no JSON nested past the recursion limit,
+``__metadata__`` (when present) an object of strings.
 """
 
 from __future__ import annotations
@@ -76,21 +77,45 @@ def read_header(path: str | Path) -> Header:
             raw = fh.read(n)
     except OSError as exc:
         raise HeaderError(f"cannot read ({exc.strerror or exc})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HeaderError(f"header is not valid UTF-8 JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise HeaderError("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    header = _parse_json(raw)
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
-        raise HeaderError("__metadata__ must map strings to strings")
+        raise HeaderError("__metadata__ must be an object mapping strings to strings")
     data_bytes = size - 8 - n
     tensors = {name: _tensor_info(name, entry) for name, entry in header.items()}
     _check_layout(tensors, data_bytes)
     return Header(metadata=dict(metadata), tensors=tensors, header_bytes=n, file_bytes=size)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """object_pairs_hook: a name given twice is refused (json keeps the last one silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise HeaderError(f"header names {key!r} twice")
+        out[key] = value
+    return out
+
+
+def _parse_json(raw: bytes) -> dict:
+    """The header's JSON object: valid UTF-8, no duplicate keys. JSON nested deeper than the
+    interpreter's recursion limit (a hostile header) is refused like any other invalid JSON."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HeaderError(f"header is not valid UTF-8 ({exc})") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_unique_keys)
+    except HeaderError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise HeaderError(f"header is not valid JSON ({reason})") from None
+    if not isinstance(header, dict):
+        raise HeaderError("header is not a JSON object")
+    return header
 
 
 def _tensor_info(name: str, entry) -> TensorInfo:

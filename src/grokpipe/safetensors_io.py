@@ -74,13 +74,22 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise GrokpipeError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold exactly the same bytes (dtype, shape and every bit, so identical NaNs
+    are equal and -0.0 differs from 0.0, unlike ``torch.equal``)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a = a.detach().to("cpu").contiguous().reshape(-1)
+    b = b.detach().to("cpu").contiguous().reshape(-1)
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 def first_difference(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> str | None:
-    """What differs between two state dicts (names, or the first tensor whose dtype or values
+    """What differs between two state dicts (names, or the first tensor whose dtype, shape or bits
     differ), or None when they hold exactly the same tensors."""
     if expected.keys() != actual.keys():
         return "tensor names differ"
     for name, tensor in expected.items():
-        other = actual[name]
-        if other.dtype != tensor.dtype or not torch.equal(other, tensor.detach().to(other.device)):
+        if not same_bits(tensor, actual[name]):
             return f"tensor {name} differs"
     return None

@@ -11,9 +11,11 @@ step are checkpointed when ``(e + 1) % checkpoint_every == 0`` (labels 99, 199, 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,10 +31,15 @@ from .layout import RunLayout
 from .lean_forward import forward_fn, unsupported_reason
 from .model import config_to_json, loss_fn, resolve_device, training_model
 from .safetensors_io import first_difference, provenance, read_metadata, read_tensors, serialize_state_dict
+from .writer_lock import writer_lock
 
 log = logging.getLogger(__name__)
 
 METADATA_FORMAT_VERSION = 1
+DIVERGENCE_RULE = (
+    "training stops after the first epoch whose train or test loss is not finite (NaN/inf); that epoch "
+    "is diverged_at_epoch and final_epoch, its non-finite losses are recorded as null"
+)
 EPOCH_CONVENTION = (
     "0-based epochs; checkpoint E holds the weights after epoch E's optimizer step and is written "
     "when (E + 1) % checkpoint_every == 0 (the TransformerLens grokking demo's labels)"
@@ -95,6 +102,43 @@ def _write_checkpoint(path: Path, state_dict: dict, metadata: dict) -> str:
     return write_bytes_atomic(path, serialize_state_dict(state_dict, metadata))
 
 
+def scheduled_epochs(last_epoch: int, checkpoint_every: int) -> list[int]:
+    """Every checkpoint epoch of the schedule up to and including ``last_epoch``."""
+    return list(range(checkpoint_every - 1, last_epoch + 1, checkpoint_every))
+
+
+def _gaps(layout: RunLayout, progress: resume.Progress, checkpoint_every: int) -> list[int]:
+    """Scheduled checkpoints up to the resume point that are missing or differ from what was written."""
+    gaps = []
+    for epoch in scheduled_epochs(progress.epoch, checkpoint_every):
+        path = layout.checkpoint(epoch)
+        recorded = progress.files.get(layout.relative(path))
+        if not path.exists() or recorded is None or sha256_file(path) != recorded:
+            gaps.append(epoch)
+    return gaps
+
+
+def _finite(value: float) -> float | None:
+    """A loss as JSON can hold it: None for NaN/inf (strict JSON has no such numbers)."""
+    return value if math.isfinite(value) else None
+
+
+def _segment(start: int, device: str, threads: int, implementation: str) -> dict:
+    """Provenance of one process's stretch of training (a resumed run has several)."""
+    return {
+        "first_epoch": start,
+        "last_epoch": start - 1,
+        "device": device,
+        "threads": threads,
+        "implementation": implementation,
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seconds": 0.0,
+    }
+
+
 def train(
     spec: RunSpec,
     run_dir: str | Path,
@@ -104,10 +148,18 @@ def train(
     grokking_threshold: float = 0.01,
     progress_bar: bool = True,
 ) -> dict:
-    """Train (or resume) one run into ``run_dir``; returns the metadata written to metadata.json."""
+    """Train (or resume) one run into ``run_dir``; returns the metadata written to metadata.json.
+
+    The run's writer lock is held throughout: a second writer is refused, not raced.
+    """
+    with writer_lock(run_dir, "train"):
+        return _train_locked(spec, Path(run_dir), device, threads, grokking_threshold, progress_bar)
+
+
+def _train_locked(spec: RunSpec, run_dir: Path, device: str, threads: int, threshold: float, progress_bar: bool):
     torch.set_num_threads(threads)
     device = resolve_device(device)
-    layout = RunLayout(Path(run_dir))
+    layout = RunLayout(run_dir)
     t = spec.training
     for directory in (layout.root, layout.checkpoints_dir, layout.artifacts_dir, layout.resume_dir):
         directory.mkdir(parents=True, exist_ok=True)
@@ -126,6 +178,18 @@ def train(
 
     loaded, why = resume.load(layout, spec.config_hash, t.num_epochs)
     if loaded is not None:
+        gaps = _gaps(layout, loaded.progress, t.checkpoint_every)
+        if gaps:
+            # Only the latest state is kept, so the last intact point before a gap is the seeded
+            # initialisation: retraining from it reproduces every epoch bit for bit.
+            loaded, why = (
+                None,
+                (
+                    f"checkpoint(s) for epoch(s) {gaps} are missing or damaged; retraining from epoch 0 "
+                    "recomputes them (intact checkpoints are kept as they are)"
+                ),
+            )
+    if loaded is not None:
         resume.restore(loaded, model, optimizer)
         progress = loaded.progress
         log.info("%s: %s", layout.name, why)
@@ -143,8 +207,13 @@ def train(
     write_json_atomic(layout.config, _config_record(spec, hooked_config))
 
     start = progress.epoch + 1
+    last = t.num_epochs - 1 if progress.diverged_at_epoch is None else progress.epoch
+    segment = _segment(start, device, threads, implementation)
+    if start <= last:
+        progress.segments.append(segment)
+    began = time.perf_counter()
     bar = tqdm(
-        range(start, t.num_epochs),
+        range(start, last + 1),
         initial=start,
         total=t.num_epochs,
         desc=layout.name,
@@ -162,9 +231,23 @@ def train(
         if is_eval_epoch(epoch, t):
             with torch.inference_mode():
                 test_loss = loss_fn(forward(split.test_tokens), split.test_labels).item()
-        progress.train_losses.append(train_loss.item())
-        progress.test_losses.append(test_loss)
+        train_value = train_loss.item()
+        progress.train_losses.append(_finite(train_value))
+        progress.test_losses.append(None if test_loss is None else _finite(test_loss))
         progress.epoch = epoch
+        segment.update(last_epoch=epoch, seconds=round(time.perf_counter() - began, 3))
+        diverged = not math.isfinite(train_value) or (test_loss is not None and not math.isfinite(test_loss))
+        if diverged:
+            # Divergence rule: the run stops after the first epoch with a non-finite loss. AdamW
+            # turns every weight non-finite from there on, so later epochs could hold nothing.
+            progress.diverged_at_epoch = epoch
+            log.warning(
+                "%s: diverged at epoch %d (train loss %s, test loss %s); stopping the run there",
+                layout.name,
+                epoch,
+                train_value,
+                test_loss,
+            )
 
         if (epoch + 1) % t.checkpoint_every == 0:
             path = layout.checkpoint(epoch)
@@ -173,32 +256,35 @@ def train(
             if epoch not in progress.checkpoint_epochs:
                 progress.checkpoint_epochs.append(epoch)
             resume.save(layout, model, optimizer, progress, spec.config_hash)
-            bar.set_postfix(train=f"{progress.train_losses[-1]:.3g}", test=f"{progress.test_losses[-1]:.3g}")
+            bar.set_postfix(train=f"{train_value:.3g}", test=f"{test_loss:.3g}")
             log.info(
                 "epoch %d train_loss %.6g test_loss %.6g -> %s",
                 epoch,
-                progress.train_losses[-1],
-                progress.test_losses[-1],
+                train_value,
+                test_loss,
                 layout.relative(path),
             )
+        if diverged:
+            break
     bar.close()
 
-    final_epoch = t.num_epochs - 1
-    if not (final_epoch + 1) % t.checkpoint_every == 0 and start <= final_epoch:
+    final_epoch = progress.epoch
+    if (final_epoch + 1) % t.checkpoint_every != 0 and start <= final_epoch:
         # The end of a run is a resume point too: growing num_epochs later continues from here.
         resume.save(layout, model, optimizer, progress, spec.config_hash)
     final_data = serialize_state_dict(model.state_dict(), provenance(spec, final_epoch, "final", hooked_config))
     progress.files[layout.relative(layout.final_model)] = write_bytes_atomic(layout.final_model, final_data)
 
-    metadata = _metadata_record(spec, progress, split, grokking_threshold, device, threads, implementation)
+    metadata = _metadata_record(spec, progress, split, threshold)
     write_json_atomic(layout.metadata, metadata)
     log.info(
-        "%s: done, %d epochs, final train_loss %.6g test_loss %.6g, grokking epoch %s",
+        "%s: done, %d epochs, final train_loss %s test_loss %s, grokking epoch %s%s",
         layout.name,
-        t.num_epochs,
+        final_epoch + 1,
         progress.train_losses[-1],
         progress.test_losses[-1],
         metadata["grokking_epoch"],
+        "" if progress.diverged_at_epoch is None else f", DIVERGED at epoch {progress.diverged_at_epoch}",
     )
     return metadata
 
@@ -216,12 +302,11 @@ def _config_record(spec: RunSpec, hooked_config: dict) -> dict:
     }
 
 
-def _metadata_record(
-    spec, progress: resume.Progress, split, threshold: float, device: str, threads: int, implementation: str
-) -> dict:
+def _metadata_record(spec: RunSpec, progress: resume.Progress, split, threshold: float) -> dict:
     import transformer_lens
 
     checkpoint_epochs = sorted(progress.checkpoint_epochs)
+    last_segment = progress.segments[-1] if progress.segments else {}
     return {
         "format_version": METADATA_FORMAT_VERSION,
         "source": "trained",
@@ -232,10 +317,12 @@ def _metadata_record(
         "checkpoint_every": spec.training.checkpoint_every,
         "epoch_convention": EPOCH_CONVENTION,
         "checkpoint_epochs": checkpoint_epochs,
-        "final_epoch": spec.training.num_epochs - 1,
+        "final_epoch": progress.epoch,  # num_epochs - 1, or the epoch the run diverged at
+        "diverged_at_epoch": progress.diverged_at_epoch,
+        "divergence_rule": DIVERGENCE_RULE,
         "eval_every": spec.training.eval_every,
-        "train_losses": progress.train_losses,
-        "test_losses": progress.test_losses,  # null where the epoch was not evaluated
+        "train_losses": progress.train_losses,  # null where not finite
+        "test_losses": progress.test_losses,  # null where the epoch was not evaluated, or not finite
         "final_train_loss": progress.train_losses[-1],
         "final_test_loss": progress.test_losses[-1],
         "grokking_threshold": threshold,
@@ -249,9 +336,11 @@ def _metadata_record(
             "torch": torch.__version__,
             "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
             "python": platform.python_version(),
-            "device": device,
-            "threads": threads,
-            "implementation": implementation,
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            # of the last process that trained; every process's own is in segments
+            "device": last_segment.get("device"),
+            "threads": last_segment.get("threads"),
+            "implementation": last_segment.get("implementation"),
+            "slurm_job_id": last_segment.get("slurm_job_id"),
+            "segments": progress.segments,
         },
     }

@@ -12,7 +12,8 @@ Checks, each reported as one line naming the file and what is wrong:
 - the test loss recomputed from a checkpoint's weights equals the recorded one. All checkpoints are
   recomputed when that costs at most RECOMPUTE_BUDGET test examples in total; otherwise an evenly
   spaced sample within that budget (always the first and last checkpoint). Recomputation uses the
-  forward implementation and thread count the run was trained with. A run grokpipe trained on CPU
+  forward implementation and thread count of the process that trained that epoch (each resume is a
+  segment with its own environment in metadata.json). An epoch grokpipe trained on CPU
   reproduces bit-exactly, and a difference beyond 1e-5 relative (+1e-9 absolute) is reported; for a
   run trained on a GPU or converted from a legacy pickle (other hardware, unknown thread count) float32
   rounding of tiny losses differs more, and 1e-3 relative (+1e-7 absolute) is accepted, still far
@@ -180,12 +181,20 @@ def _check_metadata(report: Report, layout: RunLayout, metadata: dict, headers: 
                     layout.checkpoint(epoch) if epoch is not None else layout.final_model,
                     f"header {key} {header.metadata[key]} differs from metadata.json ({metadata.get(key)})",
                 )
-    num_epochs = metadata.get("num_epochs")
+    _check_schedule(report, layout, metadata, on_disk)
+    final_epoch = metadata.get("final_epoch")
     for key in ("train_losses", "test_losses"):
         losses = metadata.get(key)
-        if not isinstance(losses, list) or len(losses) != num_epochs:
+        if not isinstance(final_epoch, int) or not isinstance(losses, list) or len(losses) != final_epoch + 1:
             n = len(losses) if isinstance(losses, list) else "no"
-            report.problem(meta_path, f"{key} has {n} entries, num_epochs is {num_epochs}")
+            report.problem(meta_path, f"{key} has {n} entries for final_epoch {final_epoch}")
+    diverged = metadata.get("diverged_at_epoch")
+    if diverged is not None:
+        report.problem(
+            meta_path,
+            f"the run diverged at epoch {diverged} (a non-finite loss) and stopped there; "
+            "its weights from that epoch on are not usable",
+        )
     prime = metadata.get("prime")
     train, test = metadata.get("train_indices"), metadata.get("test_indices")
     if not isinstance(prime, int) or not isinstance(train, list) or not isinstance(test, list):
@@ -194,6 +203,25 @@ def _check_metadata(report: Report, layout: RunLayout, metadata: dict, headers: 
         report.problem(
             meta_path, f"train_indices and test_indices do not partition the {prime * prime} pairs of p = {prime}"
         )
+
+
+def _check_schedule(report: Report, layout: RunLayout, metadata: dict, on_disk: list[int]) -> None:
+    """Every checkpoint the run should have must be on disk: for a trained run, every epoch E with
+    (E + 1) % checkpoint_every == 0 up to final_epoch; for a converted one, every epoch its pickle held."""
+    from .train import scheduled_epochs
+
+    every, final_epoch = metadata.get("checkpoint_every"), metadata.get("final_epoch")
+    if metadata.get("source", "trained") == "trained":
+        if not isinstance(every, int) or every < 1 or not isinstance(final_epoch, int):
+            report.problem(layout.metadata, "checkpoint_every or final_epoch missing or invalid")
+            return
+        expected = scheduled_epochs(final_epoch, every)
+        recover = "retrain the run to recompute it (snakemake --forcerun on its metadata.json, or grokpipe train)"
+    else:
+        expected = metadata.get("checkpoint_epochs") or []
+        recover = "convert the legacy file again (grokpipe convert --force)"
+    for epoch in sorted(set(expected) - set(on_disk)):
+        report.problem(layout.checkpoint(epoch), f"scheduled checkpoint of epoch {epoch} is missing; {recover}")
 
 
 def _check_strict_loads(report: Report, layout: RunLayout, config: dict, files: dict, intact: set) -> dict:
@@ -227,6 +255,16 @@ def _check_strict_loads(report: Report, layout: RunLayout, config: dict, files: 
     return {"model": model, "states": states} if states else {}
 
 
+def segment_of(metadata: dict, epoch: int) -> dict:
+    """The training environment of the process that trained ``epoch`` (its segment; runs written
+    before segments were recorded, and converted runs, have one environment for all epochs)."""
+    environment = metadata.get("environment") or {}
+    for segment in environment.get("segments") or []:
+        if isinstance(segment, dict) and segment.get("first_epoch", 0) <= epoch <= segment.get("last_epoch", -1):
+            return segment
+    return environment
+
+
 def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, loaded: dict, recompute) -> None:
     from .data import all_pairs
     from .lean_forward import forward_fn
@@ -239,10 +277,7 @@ def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, 
         test_tokens, test_labels = tokens[test_idx], labels[test_idx]
     except (TypeError, KeyError, IndexError, RuntimeError):
         return  # already reported by the metadata checks
-    environment = metadata.get("environment", {})
-    implementation = environment.get("implementation", "hooked_transformer")
-    reproducible = metadata.get("source", "trained") == "trained" and environment.get("device") == "cpu"
-    rel_tol, abs_tol = SAME_MACHINE_TOLERANCE if reproducible else OTHER_MACHINE_TOLERANCE
+    trained = metadata.get("source", "trained") == "trained"
     epochs = sorted(loaded["states"])
     if recompute == "all":
         chosen = epochs
@@ -251,17 +286,23 @@ def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, 
     else:
         chosen = sample_epochs(epochs, 1, budget=int(recompute))
     model = loaded["model"]
-    forward = forward_fn(model, implementation)
-    with _threads(environment.get("threads")), torch.inference_mode():
-        for epoch in chosen:
-            if not isinstance(test_losses, list) or epoch >= len(test_losses) or test_losses[epoch] is None:
-                continue
+    for epoch in chosen:
+        if not isinstance(test_losses, list) or epoch >= len(test_losses) or test_losses[epoch] is None:
+            continue
+        # Recompute as the process that trained this epoch did (a resumed run may have changed
+        # thread count or device between segments); bit-exact only for grokpipe's own CPU training.
+        env = segment_of(metadata, epoch)
+        rel_tol, abs_tol = (
+            SAME_MACHINE_TOLERANCE if trained and env.get("device") == "cpu" else OTHER_MACHINE_TOLERANCE
+        )
+        forward = forward_fn(model, env.get("implementation") or "hooked_transformer")
+        with _threads(env.get("threads")), torch.inference_mode():
             model.load_state_dict(loaded["states"][epoch], strict=True)
             value = loss_fn(forward(test_tokens), test_labels).item()
-            recorded = test_losses[epoch]
-            if abs(value - recorded) > rel_tol * abs(recorded) + abs_tol:
-                report.problem(
-                    layout.checkpoint(epoch),
-                    f"test loss recomputed from its weights is {value!r}, metadata.json records {recorded!r}",
-                )
+        recorded = test_losses[epoch]
+        if abs(value - recorded) > rel_tol * abs(recorded) + abs_tol:
+            report.problem(
+                layout.checkpoint(epoch),
+                f"test loss recomputed from its weights is {value!r}, metadata.json records {recorded!r}",
+            )
     report.checked["recomputed_test_losses"] = chosen

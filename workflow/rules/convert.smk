@@ -1,5 +1,6 @@
 # A legacy pickle at legacy/{model_name}/{model_name}_p{prime}_seed{seed}.pth becomes that run's
 # directory: asking for the run converts instead of training when the file exists (ruleorder).
+# --force: Snakemake decided the run must be (re)made, so a stale run directory there is replaced.
 
 
 ruleorder: convert > train
@@ -22,4 +23,4 @@ rule convert:
         grokking_threshold=config["grokking_threshold"],
     shell:
         "grokpipe convert {input.legacy:q} {params.run_dir:q}"
-        " --grokking-threshold {params.grokking_threshold} 2> {log:q}"
+        " --grokking-threshold {params.grokking_threshold} --force 2> {log:q}"
