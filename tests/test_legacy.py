@@ -185,3 +185,123 @@ def test_convert_rule_end_to_end(legacy_files, tmp_path):
     assert json.loads((run / "verify.json").read_text())["ok"]
     assert (tmp_path / "logs" / "tiny" / "convert" / "tiny_p11_seed999.log").exists()
     assert not run_dir_of(tmp_path, 5, 0).exists()  # only what was asked for ran
+
+
+def with_entry(demo_run, key, value):
+    data = dict(demo_run)
+    data[key] = value
+    return data
+
+
+def bomb_variants(demo_run):
+    """Small files whose content would take gigabytes to build."""
+    import numpy as np
+
+    scalar = (getattr(np, "_core", None) or np.core).multiarray.scalar
+    level1 = [0.5] * 1000
+    level2 = [level1] * 1000
+    return {
+        "numpy-void-scalar": with_entry(demo_run, "train_losses", [Payload(scalar, np.dtype("V500000000"), b"x")]),
+        "memo-shared-lists": with_entry(demo_run, "train_losses", [level2] * 1000),
+        "stride-0-view": with_entry(demo_run, "test_indices", torch.zeros(1, dtype=torch.long).expand(10**6, 10**6)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["numpy-void-scalar", "memo-shared-lists", "stride-0-view"])
+def test_small_files_that_would_exhaust_memory_are_refused(demo_run, tmp_path, kind):
+    import psutil
+
+    path = tmp_path / "bomb.pth"
+    torch.save(bomb_variants(demo_run)[kind], path)
+    assert path.stat().st_size < 200_000
+    before = psutil.Process().memory_info().rss
+    with pytest.raises(GrokpipeError, match="refused|not a number|numeric") as info:
+        read_legacy(path)
+    assert str(path) in str(info.value)
+    assert psutil.Process().memory_info().rss - before < 200 * 2**20
+    for command in (["inspect", str(path)], ["convert", str(path), str(tmp_path / "grokking_p11_seed999")]):
+        proc = grokpipe_cli(*command)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr and str(path) in proc.stderr, proc.stderr
+    assert not (tmp_path / "grokking_p11_seed999").exists()
+
+
+def test_compressed_zip_members_are_refused(legacy_files, tmp_path):
+    import zipfile
+
+    bomb = tmp_path / "deflated.pth"
+    with zipfile.ZipFile(legacy_files["tl3"]) as source, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as out:
+        for member in source.infolist():
+            out.writestr(member.filename, source.read(member))
+    with pytest.raises(GrokpipeError, match="is compressed"):
+        read_legacy(bomb)
+
+
+MALFORMED = {
+    "nan-epoch": ("checkpoint_epochs", lambda run: [float("nan")] + run["checkpoint_epochs"][1:], "not a whole number"),
+    "negative-epoch": ("checkpoint_epochs", lambda run: [-1] + run["checkpoint_epochs"][1:], "not a whole number"),
+    "fractional-epoch": ("checkpoint_epochs", lambda run: [3.5] + run["checkpoint_epochs"][1:], "not a whole number"),
+    "float-indices": ("train_indices", lambda run: run["train_indices"].double(), "not integer indices"),
+    "short-test-losses": ("test_losses", lambda run: run["test_losses"][:-1], "train losses but"),
+    "indices-overlap": ("test_indices", lambda run: run["train_indices"], "do not partition"),
+    "loss-is-text": ("train_losses", lambda run: ["low"] * len(run["train_losses"]), "not a number"),
+}
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED))
+def test_malformed_but_allowed_content_is_refused_by_convert_and_inspect_alike(demo_run, tmp_path, kind):
+    key, change, expected = MALFORMED[kind]
+    path = tmp_path / "odd.pth"
+    torch.save(with_entry(demo_run, key, change(demo_run)), path)
+    run = tmp_path / "grokking_p11_seed999"
+    for command in (["convert", str(path), str(run)], ["inspect", str(path)]):
+        proc = grokpipe_cli(*command)
+        assert proc.returncode == 1 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not run.exists() and not list(tmp_path.glob("**/checkpoint_epoch_-*"))
+
+
+def test_losses_as_tensors_and_whole_float_epochs_convert_sanely(demo_run, tmp_path):
+    data = with_entry(demo_run, "train_losses", torch.tensor(demo_run["train_losses"], dtype=torch.float64))
+    data["test_losses"] = [torch.tensor(x) for x in demo_run["test_losses"]]
+    data["checkpoint_epochs"] = [float(e) for e in demo_run["checkpoint_epochs"]]
+    data["test_losses"][-1] = torch.tensor(float("nan"))  # a diverged last epoch
+    path = tmp_path / "tensors.pth"
+    torch.save(data, path)
+    assert grokpipe_cli("inspect", str(path)).returncode == 0
+    run = tmp_path / "grokking_p11_seed999"
+    meta = convert(path, run)
+    assert meta["checkpoint_epochs"] == demo_run["checkpoint_epochs"]
+    assert meta["train_losses"] == pytest.approx(demo_run["train_losses"])
+    last = len(demo_run["test_losses"]) - 1
+    assert meta["test_losses"][-1] is None and meta["diverged_at_epoch"] == last
+    json.loads((run / "metadata.json").read_text(), parse_constant=lambda token: pytest.fail(token))
+
+
+def test_convert_onto_an_existing_run_needs_force_and_cleans_stale_staging(legacy_files, tmp_path):
+    run = tmp_path / "grokking_p11_seed999"
+    convert(legacy_files["tl3"], run)
+    stale = tmp_path / ".grokking_p11_seed999.converting-killed"  # what a killed convert leaves
+    stale.mkdir()
+    (stale / "partial.safetensors").write_bytes(b"torn")
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    proc = grokpipe_cli("convert", str(legacy_files["tl2"]), str(run))
+    assert proc.returncode == 1 and "--force" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before, "the existing run was touched"
+    proc = grokpipe_cli("convert", str(legacy_files["tl2"]), str(run), "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert grokpipe.load_metadata(run)["legacy_file"] == str(legacy_files["tl2"])
+    assert not stale.exists() and not list(tmp_path.glob(".grokking_p11_seed999.replaced-*"))
+
+
+def test_converted_run_follows_the_umask(legacy_files, tmp_path):
+    import stat
+
+    run = tmp_path / "grokking_p11_seed999"
+    proc = subprocess.run(
+        [sys.executable, "-m", "grokpipe", "convert", str(legacy_files["tl3"]), str(run)],
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: os.umask(0o022),
+    )
+    assert proc.returncode == 0, proc.stderr
+    for path in [run, *run.rglob("*")]:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -119,8 +120,7 @@ def cmd_verify(args) -> int:
     from .layout import RunLayout
     from .verify import verify_run
 
-    recompute = args.recompute if args.recompute in ("auto", "all") else int(args.recompute)
-    report = verify_run(args.run_dir, recompute=recompute)
+    report = verify_run(args.run_dir, recompute=args.recompute)
     if Path(args.run_dir).is_dir():
         # The outcome stays in the run, where list and inspect see it, even when Snakemake deletes
         # the failed job's --report output.
@@ -178,21 +178,61 @@ def cmd_summarize(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0")
+    return value
+
+
+def recompute_choice(text: str) -> str | int:
+    if text in ("auto", "all"):
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto, all or a positive number of checkpoints") from None
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes are one ``grokpipe: error: ...`` line naming the flag, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"grokpipe: error: {self.prog.removeprefix('grokpipe ')}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grokpipe", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="grokpipe", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
 
     p = sub.add_parser("train", help="train (or resume) one (prime, seed) run")
     p.add_argument("run_dir", nargs="?", help="run directory (default: from the config's results_dir)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="workflow config YAML (as config/config.yaml); needs --prime and --seed")
     src.add_argument("--spec", help="one run as JSON: model_name, prime, seed, training, model (what the rule passes)")
-    p.add_argument("--prime", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--prime", type=positive_int)
+    p.add_argument("--seed", type=non_negative_int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: threads_per_run)")
-    p.add_argument("--grokking-threshold", type=float)
+    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: threads_per_run)")
+    p.add_argument("--grokking-threshold", type=positive_float)
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -200,9 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("legacy", help="the legacy torch.save file (read only, through a restricted unpickler)")
     p.add_argument("run_dir", help="target run directory, named {model_name}_p{prime}_seed{seed}")
     p.add_argument("--model-name", help="default: from the run directory name")
-    p.add_argument("--prime", type=int, help="default: from the run directory name")
-    p.add_argument("--seed", type=int, help="default: from the run directory name")
-    p.add_argument("--grokking-threshold", type=float, default=0.01)
+    p.add_argument("--prime", type=positive_int, help="default: from the run directory name")
+    p.add_argument("--seed", type=non_negative_int, help="default: from the run directory name")
+    p.add_argument("--grokking-threshold", type=positive_float, default=0.01)
     p.add_argument("--force", action="store_true", help="replace a run that already exists at run_dir")
     p.set_defaults(func=cmd_convert)
 
@@ -212,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recompute",
         default="auto",
+        type=recompute_choice,
         help="checkpoints whose test loss is recomputed: auto (all within a budget), all, or a number",
     )
     p.set_defaults(func=cmd_verify)

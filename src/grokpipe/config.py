@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -129,8 +130,31 @@ def validate_config(config: dict, source: str | None = None) -> dict:
     return config
 
 
+def _check_strict_types(schema: dict, value, key: str, source: str | None) -> None:
+    """What JSON schema lets through but a config must not hold: JSON schema calls ``10.0`` an
+    integer and lets NaN pass every bound (comparisons with NaN are false), and YAML writes
+    ``.nan``/``.inf`` as floats. Integers must be Python ints (not floats, not booleans) and every
+    number finite."""
+    kind = schema.get("type")
+    if kind == "integer" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(key, f"{value!r} is not an integer", source)
+    if kind == "number" and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"{value!r} is not a finite number", source)
+    if isinstance(value, dict):
+        for name, sub in value.items():
+            prop = schema.get("properties", {}).get(name)
+            if prop is not None:
+                _check_strict_types(prop, sub, f"{key}.{name}" if key else name, source)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            _check_strict_types(schema["items"], item, f"{key}[{i}]", source)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"{value!r} is not a finite number", source)
+
+
 def check_semantics(config: dict, source: str | None = None) -> None:
     """Checks the schema cannot express. ``config`` must already satisfy the schema."""
+    _check_strict_types(load_schema(), config, "", source)
     training = config["training"]
     for i, p in enumerate(config["primes"]):
         if not is_prime(p):

@@ -24,7 +24,7 @@ from .errors import GrokpipeError
 from .layout import RUN_DIR_RE, RunLayout
 from .legacy import LegacyRun, hooked_config_from_legacy, normalize_buffers, read_legacy
 from .safetensors_io import first_difference, header, read_tensors, write_model_file
-from .train import EPOCH_CONVENTION, METADATA_FORMAT_VERSION, grokking_epoch
+from .train import EPOCH_CONVENTION, METADATA_FORMAT_VERSION, finite_or_none, first_non_finite, grokking_epoch
 from .writer_lock import writer_lock
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,8 @@ def _write_run(
             "grokpipe_version": __version__,
         },
     )
+    train_losses = [finite_or_none(x) for x in run.train_losses]
+    test_losses = [finite_or_none(x) for x in run.test_losses]
     metadata = {
         "format_version": METADATA_FORMAT_VERSION,
         "source": "converted",
@@ -183,12 +185,13 @@ def _write_run(
         "epoch_convention": EPOCH_CONVENTION,
         "checkpoint_epochs": sorted(run.checkpoint_epochs),
         "final_epoch": num_epochs - 1,
-        "train_losses": run.train_losses,
-        "test_losses": run.test_losses,
-        "final_train_loss": run.train_losses[-1] if run.train_losses else None,
-        "final_test_loss": run.test_losses[-1] if run.test_losses else None,
+        "train_losses": train_losses,  # null where the pickle holds NaN/inf
+        "test_losses": test_losses,
+        "final_train_loss": train_losses[-1],
+        "final_test_loss": test_losses[-1],
+        "diverged_at_epoch": first_non_finite(run.train_losses, run.test_losses),
         "grokking_threshold": threshold,
-        "grokking_epoch": grokking_epoch(run.test_losses, threshold),
+        "grokking_epoch": grokking_epoch(test_losses, threshold),
         "train_indices": run.train_indices.tolist(),
         "test_indices": run.test_indices.tolist(),
         "config_hash": config_hash,

@@ -124,29 +124,21 @@ def inspect_run(run_dir: Path) -> dict:
 
 
 def inspect_legacy(path: Path) -> dict:
-    from .legacy import LegacyConfig, safe_load
+    """A legacy pickle, read and checked as ``convert`` reads it, tensor data memory-mapped, not read."""
+    from .legacy import read_legacy
 
-    data = safe_load(path, mmap=True)
-    if not isinstance(data, dict):
-        raise GrokpipeError(f"{path}: expected the grokking demo's dict, got {type(data).__name__}")
-    config = data.get("config")
-    if isinstance(config, LegacyConfig):
-        config = config.fields
-    model = data.get("model") if isinstance(data.get("model"), dict) else {}
-    train, test = data.get("train_losses") or [], data.get("test_losses") or []
+    run = read_legacy(path, mmap=True)
     return {
         "format": "legacy pickle (read through grokpipe's restricted loader)",
         "path": str(path),
-        "keys": sorted(map(str, data)),
-        "config": _config_summary(config if isinstance(config, dict) else None),
-        "checkpoint_epochs": [int(e) for e in (data.get("checkpoint_epochs") or [])],
-        "epochs_done": len(train),
-        "final_train_loss": float(train[-1]) if len(train) else None,
-        "final_test_loss": float(test[-1]) if len(test) else None,
+        "prime": run.prime,
+        "config": _config_summary(run.config),
+        "checkpoint_epochs": run.checkpoint_epochs,
+        "epochs_done": len(run.train_losses),
+        "final_train_loss": run.train_losses[-1],
+        "final_test_loss": run.test_losses[-1],
         "tensors": {
-            k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
-            for k, v in model.items()
-            if hasattr(v, "shape")
+            k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in run.model.items()
         },
     }
 

@@ -16,6 +16,7 @@ anything runs. TransformerLens is never imported here, and tensors saved on a GP
 from __future__ import annotations
 
 import logging
+import math
 import re
 import warnings
 import zipfile
@@ -61,22 +62,46 @@ class LegacyConfig:
         self.fields = dict(state)
 
 
+NUMERIC_DTYPE_CODES = "?bBhHiIlLqQefdgFD"
+MAX_SCALAR_BYTES = 32  # the widest numeric scalar (complex long double)
+MAX_VISITS = 20_000_000  # containers + items the loaded object may expand to (memo sharing included)
+
+
+def _numeric_dtype(np, spec):
+    """``numpy.dtype(spec)`` for numeric dtypes only: ``dtype('V500000000')`` would make the scalar
+    that follows allocate half a gigabyte from a 1 KB file."""
+    dtype = np.dtype(spec)
+    if dtype.char not in NUMERIC_DTYPE_CODES or dtype.itemsize > MAX_SCALAR_BYTES:
+        raise ValueError(f"numpy dtype {str(dtype)!r} is not a numeric scalar type")
+    return dtype
+
+
 def _numpy_allowlist() -> list:
     """numpy scalars (TransformerLens computes e.g. ``attn_scale`` with ``np.sqrt``) pickle through
-    ``multiarray.scalar(dtype, bytes)``, which only rebuilds a number; allowed under the numpy 1.x and
-    2.x paths, with ``numpy.dtype`` and the numeric dtype classes it needs."""
+    ``multiarray.scalar(dtype, bytes)``, which only rebuilds a number. Both are mapped to guarded
+    stand-ins under the numpy 1.x and 2.x paths: numeric dtypes only, bytes of exactly that size."""
     try:
         import numpy as np
     except ImportError:  # files without numpy scalars still load
         return []
     core = getattr(np, "_core", None) or np.core
-    scalar = core.multiarray.scalar
+    real_scalar = core.multiarray.scalar
+
+    def dtype(spec, align=False, copy=False):
+        return _numeric_dtype(np, spec)
+
+    def scalar(dtype_, data=None):
+        dtype_ = _numeric_dtype(np, dtype_)
+        if not isinstance(data, bytes) or len(data) != dtype_.itemsize:
+            raise ValueError(f"numpy scalar of {dtype_} with {type(data).__name__} data of the wrong size")
+        return real_scalar(dtype_, data)
+
     entries = [
         (scalar, "numpy._core.multiarray.scalar"),
         (scalar, "numpy.core.multiarray.scalar"),
-        (np.dtype, "numpy.dtype"),
+        (dtype, "numpy.dtype"),
     ]
-    for code in "?bBhHiIlLqQefdgFD":
+    for code in NUMERIC_DTYPE_CODES:
         cls = type(np.dtype(code))
         entries.append((cls, f"numpy.dtypes.{cls.__name__}"))
     return entries
@@ -105,20 +130,71 @@ def _refusal(path: Path, exc: Exception) -> GrokpipeError:
     return GrokpipeError(f"{path}: not a readable PyTorch pickle ({first})")
 
 
-def safe_load(path: str | Path, mmap: bool = False):
-    """Unpickle ``path`` with the restricted loader, every tensor on CPU.
+def _check_container(path: Path) -> None:
+    """The zip container torch.save writes (since torch 1.6): members stored, never compressed, so
+    the tensor data cannot exceed the file (a deflated member could expand into a zip bomb)."""
+    if not zipfile.is_zipfile(path):
+        raise GrokpipeError(
+            f"{path}: not a readable PyTorch pickle (not the zip format torch.save writes since torch 1.6; "
+            "the older format declares storage sizes the restricted loader cannot bound, so it is not read)"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise GrokpipeError(f"{path}: not a readable PyTorch pickle ({exc})") from None
+    for member in members:
+        if member.compress_type != zipfile.ZIP_STORED:
+            raise GrokpipeError(
+                f"{path}: refused: zip member {member.filename} is compressed (torch.save never does that)"
+            )
+    total = sum(member.file_size for member in members)
+    if total > path.stat().st_size:
+        raise GrokpipeError(f"{path}: refused: its members claim {total} bytes, more than the file holds")
 
-    ``mmap=True`` maps tensor data instead of reading it (zip-format files only; older files are read).
+
+def _check_bounded(path: Path, obj) -> None:
+    """Walk what was unpickled: memo-shared containers can expand a small file into billions of
+    items once converted, and a tensor view can claim more elements than its storage holds."""
+    visits, stack = 0, [obj]
+    while stack:
+        item = stack.pop()
+        visits += 1
+        if visits > MAX_VISITS:
+            raise GrokpipeError(f"{path}: refused: its containers expand to more than {MAX_VISITS} items")
+        if torch.is_tensor(item):
+            needed = item.numel() * item.element_size()
+            if needed > item.untyped_storage().nbytes():
+                raise GrokpipeError(
+                    f"{path}: refused: a tensor of shape {list(item.shape)} claims {needed} bytes over a "
+                    f"{item.untyped_storage().nbytes()}-byte storage"
+                )
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif isinstance(item, LegacyConfig):
+            stack.append(item.fields)
+
+
+def safe_load(path: str | Path, mmap: bool = False):
+    """Unpickle ``path`` with the restricted loader, every tensor on CPU, within bounds.
+
+    ``mmap=True`` maps tensor data instead of reading it.
     """
     path = Path(path)
     if not path.is_file():
         raise GrokpipeError(f"{path}: no such file")
+    _check_container(path)
     try:
         with torch.serialization.safe_globals(_allowlist()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # weights-only unpickling cannot run code, so any failure is a bad file
         raise _refusal(path, exc) from None
+    _check_bounded(path, data)
+    return data
 
 
 @dataclass
@@ -146,19 +222,52 @@ def _state_dict(path: Path, value, what: str) -> dict[str, torch.Tensor]:
     return dict(value)
 
 
-def _floats(path: Path, value, what: str) -> list[float]:
+def _numbers(path: Path, value, what: str) -> list[float]:
+    """A flat list of floats from a list/tuple of numbers or 0-d tensors, or a 1-d tensor."""
     if torch.is_tensor(value):
+        if value.ndim != 1 or value.is_complex():
+            raise GrokpipeError(f"{path}: {what} is a tensor of shape {list(value.shape)}, not a 1-d list of numbers")
         value = value.tolist()
-    try:
-        return [float(x.item() if torch.is_tensor(x) else x) for x in value]
-    except (TypeError, ValueError):
-        raise GrokpipeError(f"{path}: {what} is not a list of numbers") from None
+    if not isinstance(value, (list, tuple)):
+        raise GrokpipeError(f"{path}: {what} is a {type(value).__name__}, not a list of numbers")
+    out = []
+    for x in value:
+        if torch.is_tensor(x) and x.numel() == 1 and not x.is_complex():
+            x = x.item()
+        if isinstance(x, bool) or not isinstance(x, (int, float)) and type(x).__module__ != "numpy":
+            raise GrokpipeError(f"{path}: {what} holds a {type(x).__name__}, not a number")
+        try:
+            out.append(float(x))
+        except (TypeError, ValueError):
+            raise GrokpipeError(f"{path}: {what} holds {x!r}, not a number") from None
+    return out
 
 
-def read_legacy(path: str | Path) -> LegacyRun:
-    """Read and sanity-check a legacy grokking pickle (read-only; the file is never modified)."""
+def _whole_numbers(path: Path, value, what: str, below: int) -> list[int]:
+    """Integers in [0, below): floats only when whole (``99.0``); NaN, negatives, fractions refused."""
+    numbers = _numbers(path, value, what)
+    for x in numbers:
+        if not math.isfinite(x) or x != int(x) or not 0 <= x < below:
+            raise GrokpipeError(f"{path}: {what} holds {x!r}, not a whole number in [0, {below})")
+    return [int(x) for x in numbers]
+
+
+def _indices(path: Path, value, what: str, n_pairs: int) -> torch.Tensor:
+    if torch.is_tensor(value) and (value.is_floating_point() or value.is_complex()):
+        raise GrokpipeError(
+            f"{path}: {what} is a {str(value.dtype).removeprefix('torch.')} tensor, not integer indices"
+        )
+    return torch.tensor(_whole_numbers(path, value, what, n_pairs), dtype=torch.long)
+
+
+def read_legacy(path: str | Path, mmap: bool = False) -> LegacyRun:
+    """Read and sanity-check a legacy grokking pickle (read-only; the file is never modified).
+
+    Everything ``convert`` needs is checked here, so ``inspect`` (which reads the same way, tensor
+    data memory-mapped) accepts exactly what ``convert`` accepts.
+    """
     path = Path(path)
-    data = safe_load(path)
+    data = safe_load(path, mmap=mmap)
     if not isinstance(data, dict):
         raise GrokpipeError(f"{path}: expected the grokking demo's dict, got {type(data).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in data]
@@ -170,28 +279,38 @@ def read_legacy(path: str | Path) -> LegacyRun:
     if not isinstance(config, dict):
         raise GrokpipeError(f"{path}: 'config' is a {type(config).__name__}, not a HookedTransformerConfig or dict")
     for key in ("d_vocab_out", "d_model", "n_layers"):
-        if key not in config:
-            raise GrokpipeError(f"{path}: config has no '{key}'")
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GrokpipeError(f"{path}: config '{key}' is {value!r}, not a positive integer")
+    prime = config["d_vocab_out"]
     checkpoints = data["checkpoints"]
     if not isinstance(checkpoints, (list, tuple)):
         raise GrokpipeError(f"{path}: 'checkpoints' is not a list")
-    epochs = [int(e) for e in _floats(path, data["checkpoint_epochs"], "'checkpoint_epochs'")]
+    train_losses = _numbers(path, data["train_losses"], "'train_losses'")
+    test_losses = _numbers(path, data["test_losses"], "'test_losses'")
+    if not train_losses or len(train_losses) != len(test_losses):
+        raise GrokpipeError(
+            f"{path}: {len(train_losses)} train losses but {len(test_losses)} test losses (one of each per epoch)"
+        )
+    epochs = _whole_numbers(path, data["checkpoint_epochs"], "'checkpoint_epochs'", len(train_losses))
     if len(epochs) != len(checkpoints):
         raise GrokpipeError(f"{path}: {len(checkpoints)} checkpoints but {len(epochs)} checkpoint_epochs")
     if len(set(epochs)) != len(epochs):
         raise GrokpipeError(f"{path}: checkpoint_epochs has duplicates")
-    indices = {}
-    for key in ("train_indices", "test_indices"):
-        value = data[key]
-        indices[key] = value.to(torch.long) if torch.is_tensor(value) else torch.tensor(list(value), dtype=torch.long)
+    indices = {key: _indices(path, data[key], f"'{key}'", prime * prime) for key in ("train_indices", "test_indices")}
+    pairs = torch.cat(list(indices.values())).sort().values
+    if not torch.equal(pairs, torch.arange(prime * prime)):
+        raise GrokpipeError(
+            f"{path}: train_indices and test_indices do not partition the {prime * prime} pairs of p = {prime}"
+        )
     return LegacyRun(
         path=path,
         model=_state_dict(path, data["model"], "'model'"),
         config=dict(config),
         checkpoints=[_state_dict(path, c, f"checkpoint {i}") for i, c in enumerate(checkpoints)],
         checkpoint_epochs=epochs,
-        train_losses=_floats(path, data["train_losses"], "'train_losses'"),
-        test_losses=_floats(path, data["test_losses"], "'test_losses'"),
+        train_losses=train_losses,
+        test_losses=test_losses,
         train_indices=indices["train_indices"],
         test_indices=indices["test_indices"],
     )

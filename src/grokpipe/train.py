@@ -46,6 +46,12 @@ EPOCH_CONVENTION = (
 )
 
 
+def first_non_finite(*series: list[float | None]) -> int | None:
+    """First epoch at which any of the loss series is NaN/inf (None entries are not evaluated)."""
+    bad = [i for losses in series for i, x in enumerate(losses) if x is not None and not math.isfinite(x)]
+    return min(bad) if bad else None
+
+
 def grokking_epoch(test_losses: list[float | None], threshold: float) -> int | None:
     """First epoch whose test loss is below ``threshold`` (None if none is; unevaluated epochs skipped)."""
     for epoch, loss in enumerate(test_losses):
@@ -118,7 +124,7 @@ def _gaps(layout: RunLayout, progress: resume.Progress, checkpoint_every: int) -
     return gaps
 
 
-def _finite(value: float) -> float | None:
+def finite_or_none(value: float) -> float | None:
     """A loss as JSON can hold it: None for NaN/inf (strict JSON has no such numbers)."""
     return value if math.isfinite(value) else None
 
@@ -232,8 +238,8 @@ def _train_locked(spec: RunSpec, run_dir: Path, device: str, threads: int, thres
             with torch.inference_mode():
                 test_loss = loss_fn(forward(split.test_tokens), split.test_labels).item()
         train_value = train_loss.item()
-        progress.train_losses.append(_finite(train_value))
-        progress.test_losses.append(None if test_loss is None else _finite(test_loss))
+        progress.train_losses.append(finite_or_none(train_value))
+        progress.test_losses.append(None if test_loss is None else finite_or_none(test_loss))
         progress.epoch = epoch
         segment.update(last_epoch=epoch, seconds=round(time.perf_counter() - began, 3))
         diverged = not math.isfinite(train_value) or (test_loss is not None and not math.isfinite(test_loss))

@@ -292,9 +292,7 @@ def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, 
         # Recompute as the process that trained this epoch did (a resumed run may have changed
         # thread count or device between segments); bit-exact only for grokpipe's own CPU training.
         env = segment_of(metadata, epoch)
-        rel_tol, abs_tol = (
-            SAME_MACHINE_TOLERANCE if trained and env.get("device") == "cpu" else OTHER_MACHINE_TOLERANCE
-        )
+        rel_tol, abs_tol = SAME_MACHINE_TOLERANCE if trained and env.get("device") == "cpu" else OTHER_MACHINE_TOLERANCE
         forward = forward_fn(model, env.get("implementation") or "hooked_transformer")
         with _threads(env.get("threads")), torch.inference_mode():
             model.load_state_dict(loaded["states"][epoch], strict=True)
