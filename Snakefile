@@ -16,6 +16,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/convert.smk"
 include: "workflow/rules/analysis.smk"
+include: "workflow/rules/progress.smk"
 
 
 rule all:

@@ -170,10 +170,12 @@ def cmd_plot(args) -> int:
 def cmd_summarize(args) -> int:
     from .loading import load_metadata
     from .plots import plot_grid, summary_rows, write_summary
+    from .progress_measures import read_progress
 
     metadatas = [load_metadata(run) for run in args.run_dirs]
+    progress = [(read_progress(run) or (None, None))[1] for run in args.run_dirs]
     out = Path(args.out_dir)
-    write_summary(summary_rows(metadatas), out / "summary.csv", out / "summary.md")
+    write_summary(summary_rows(metadatas, progress), out / "summary.csv", out / "summary.md")
     plot_grid(metadatas, out / "test_curves.png", out / "test_curves.svg")
     return 0
 
@@ -216,6 +218,27 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"grokpipe: error: {self.prog.removeprefix('grokpipe ')}: {message}\n")
+
+
+def cmd_progress(args) -> int:
+    from .progress_measures import write_progress
+
+    rows, record = write_progress(args.run_dir, args.key_frequencies)
+    print(
+        f"progress: {args.run_dir}: {len(rows)} checkpoints, key frequencies {record['key_frequencies']}, "
+        f"restricted loss below the grokking threshold from epoch {record['restricted_grokking_epoch']}"
+    )
+    return 0
+
+
+def frequency_list(text: str) -> list[int] | None:
+    """``--key-frequencies``: comma-separated positive integers, or ``auto``."""
+    if text == "auto":
+        return None
+    try:
+        return [positive_int(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto or comma-separated positive integers") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,6 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="loss curves of a run into its artifacts/ (PNG and SVG)")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser(
+        "progress", help="progress measures of every checkpoint (restricted/excluded loss, Gini, ...) into artifacts/"
+    )
+    p.add_argument("run_dir")
+    p.add_argument(
+        "--key-frequencies",
+        type=frequency_list,
+        default=None,
+        help="comma-separated key frequencies (default auto: from the final model's embedding)",
+    )
+    p.set_defaults(func=cmd_progress)
 
     p = sub.add_parser("summarize", help="summary table (CSV, Markdown) and test-curve figure of several runs")
     p.add_argument("--out-dir", required=True)

@@ -15,14 +15,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
 
 def unsupported_reason(cfg) -> str | None:
     """Why the lean forward cannot stand in for this config (None when it can)."""
     checks = {
         "normalization_type is set": cfg.normalization_type is not None,
-        f"act_fn {cfg.act_fn!r}": not cfg.attn_only and cfg.act_fn not in _ACTIVATIONS,
+        f"act_fn {cfg.act_fn!r}": not cfg.attn_only and cfg.act_fn not in ACTIVATIONS,
         "non-standard positional embedding": cfg.positional_embedding_type != "standard",
         "gated MLP": cfg.gated_mlp,
         "grouped-query attention": cfg.n_key_value_heads is not None,
@@ -71,9 +71,12 @@ def _heads_matrix(w):
     return w.permute(1, 0, 2).reshape(w.shape[1], -1)
 
 
-def _single_layer_logits(model, tokens, act):
-    """One layer: the layer input is the embedding, so everything before the MLP comes from tables
-    indexed by (position, token); only the MLP and unembedding run per example."""
+def single_layer_resid_mid(model, tokens):
+    """Residual stream after attention at the last position, (batch, d_model), of a one-layer model.
+
+    The layer input is the embedding, so everything before the MLP comes from tables indexed by
+    (position, token); only the attention-weighted sum and ``W_O`` run per example.
+    """
     cfg, attn = model.cfg, model.blocks[0].attn
     W_E, W_pos = model.embed.W_E, model.pos_embed.W_pos
     n_batch, n_pos = tokens.shape
@@ -93,8 +96,13 @@ def _single_layer_logits(model, tokens, act):
     v = F.embedding(key_rows, v_tab.reshape(n_pos * n_vocab, -1)).view(n_batch, n_pos, n_heads, d_head)
     z = (pattern.unsqueeze(-1) * v).sum(dim=1)  # (B, H, E)
     x = F.embedding(tokens[:, -1], table[-1]) + attn.b_O
-    x = torch.addmm(x, z.reshape(n_batch, -1), attn.W_O.reshape(-1, attn.W_O.shape[-1]))
-    if not cfg.attn_only:
+    return torch.addmm(x, z.reshape(n_batch, -1), attn.W_O.reshape(-1, attn.W_O.shape[-1]))
+
+
+def _single_layer_logits(model, tokens, act):
+    """One layer: attention from tables, then only the MLP and unembedding run per example."""
+    x = single_layer_resid_mid(model, tokens)
+    if not model.cfg.attn_only:
         x = x + _mlp(model.blocks[0], x, act)
     return torch.addmm(model.unembed.b_U, x, model.unembed.W_U)
 
@@ -102,7 +110,7 @@ def _single_layer_logits(model, tokens, act):
 def last_position_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """Logits at the last position, (batch, d_vocab_out), equal to ``model(tokens)[:, -1]``."""
     cfg = model.cfg
-    act = _ACTIVATIONS.get(cfg.act_fn) if not cfg.attn_only else None
+    act = ACTIVATIONS.get(cfg.act_fn) if not cfg.attn_only else None
     blocks = list(model.blocks)
     if len(blocks) == 1:
         return _single_layer_logits(model, tokens, act)

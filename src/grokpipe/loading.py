@@ -117,15 +117,16 @@ def load_model(path: str | Path, epoch: int | None = None, device: str = "cpu"):
 
 def load_metadata(run_dir: str | Path) -> dict:
     """The run's metadata.json (losses, indices, checkpoint epochs, grokking epoch, file hashes)."""
-    return _read_json(_layout(run_dir).metadata)
+    return read_json(_layout(run_dir).metadata)
 
 
 def load_config(run_dir: str | Path) -> dict:
     """The run's config.json (HookedTransformerConfig fields + training hyperparameters)."""
-    return _read_json(_layout(run_dir).config)
+    return read_json(_layout(run_dir).config)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON file of a run; missing or unreadable is a GrokpipeError naming it."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

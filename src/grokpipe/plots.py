@@ -63,6 +63,42 @@ def plot_grid(metadatas: list[dict], *paths: Path) -> None:
     _save(fig, *paths)
 
 
+def plot_progress(metadata: dict, rows: list[dict], record: dict, *paths: Path) -> None:
+    """The paper's figure 6 shape: train, test, restricted and excluded loss (log scale) over the
+    checkpoints with the grokking epoch marked; sum of squared weights and Gini coefficients beside."""
+    epochs = [row["epoch"] for row in rows]
+    fig, (ax_loss, ax_weights, ax_gini) = plt.subplots(1, 3, figsize=(15, 4))
+    for key, label in (
+        ("train_loss", "train"),
+        ("test_loss", "test"),
+        ("restricted_loss", "restricted (test pairs)"),
+        ("excluded_loss", "excluded (train pairs)"),
+    ):
+        ax_loss.plot(epochs, [max(row[key], 1e-300) for row in rows], label=label, linewidth=1)
+    for epoch, style, label in (
+        (metadata.get("grokking_epoch"), "--", "grokking epoch"),
+        (record.get("restricted_grokking_epoch"), ":", "restricted loss below threshold"),
+    ):
+        if epoch is not None:
+            ax_loss.axvline(epoch, color="grey", linestyle=style, linewidth=1, label=f"{label} {epoch}")
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(loc="best", fontsize=7)
+    ax_weights.plot(epochs, [row["sum_squared_weights"] for row in rows], linewidth=1)
+    ax_weights.set_xlabel("epoch")
+    ax_weights.set_ylabel("sum of squared weights")
+    for key, label in (("gini_W_E", "Gini of W_E Fourier norms"), ("gini_W_L", "Gini of W_L Fourier norms")):
+        ax_gini.plot(epochs, [row[key] for row in rows], label=label, linewidth=1)
+    ax_gini.set_xlabel("epoch")
+    ax_gini.legend(loc="best", fontsize=7)
+    fig.suptitle(
+        f"{metadata['model_name']}  p = {metadata['prime']}  seed = {metadata['seed']}  "
+        f"key frequencies {record.get('key_frequencies')}"
+    )
+    _save(fig, *paths)
+
+
 SUMMARY_COLUMNS = (
     "model_name",
     "prime",
@@ -74,11 +110,21 @@ SUMMARY_COLUMNS = (
     "grokking_epoch",
     "grokking_threshold",
     "diverged_at_epoch",
+    "key_frequencies",
+    "restricted_grokking_epoch",
 )
 
 
-def summary_rows(metadatas: list[dict]) -> list[dict]:
-    rows = [{c: meta.get(c, "trained" if c == "source" else None) for c in SUMMARY_COLUMNS} for meta in metadatas]
+def summary_rows(metadatas: list[dict], progress: list[dict | None] | None = None) -> list[dict]:
+    """One row per run; ``progress`` holds each run's key-frequency record (or None)."""
+    progress = progress or [None] * len(metadatas)
+    rows = []
+    for meta, record in zip(metadatas, progress):
+        row = {c: meta.get(c, "trained" if c == "source" else None) for c in SUMMARY_COLUMNS}
+        if record is not None:
+            row["key_frequencies"] = " ".join(map(str, record.get("key_frequencies", [])))
+            row["restricted_grokking_epoch"] = record.get("restricted_grokking_epoch")
+        rows.append(row)
     return sorted(rows, key=lambda r: (r["model_name"], r["prime"], r["seed"]))
 
 

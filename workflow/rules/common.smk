@@ -73,26 +73,48 @@ def run_file(run, name):
     return f"{RUN.format(model_name=model_name, prime=prime, seed=seed)}/{name}"
 
 
+def has_progress(run):
+    """Progress measures need a one-layer model with an MLP: legacy runs (the demo's) and grids
+    whose model is one."""
+    model = config["model"]
+    grid_ok = (
+        model["n_layers"] == 1
+        and not model.get("attn_only")
+        and model.get("normalization_type") is None
+    )
+    return grid_ok or run in legacy_runs()
+
+
+def key_frequencies_flag():
+    frequencies = config.get("key_frequencies")
+    return ",".join(map(str, frequencies)) if frequencies else "auto"
+
+
+def run_outputs(run):
+    names = ["metadata.json", "verify.json", "artifacts/loss_curves.png"]
+    if has_progress(run):
+        names.append("artifacts/progress_measures.csv")
+    return [run_file(run, name) for name in names]
+
+
 def runs_of_model(wildcards):
-    """metadata.json of every run of one model name (the input of its grid summary)."""
-    return [
-        run_file(run, "metadata.json")
-        for run in runs()
-        if run[0] == wildcards.model_name
-    ]
+    """metadata.json (and progress measures) of every run of one model: its grid summary's input."""
+    files = []
+    for run in runs():
+        if run[0] == wildcards.model_name:
+            files.append(run_file(run, "metadata.json"))
+            if has_progress(run):
+                files.append(run_file(run, "artifacts/progress_measures.csv"))
+    return files
 
 
 def run_dirs_of(wildcards, input):
-    return [os.path.dirname(path) for path in input]
+    return [os.path.dirname(path) for path in input if path.endswith("metadata.json")]
 
 
 def final_targets():
-    """Per run: metadata, verification and loss curves; per model name: the grid summary."""
-    per_run = [
-        run_file(run, name)
-        for run in runs()
-        for name in ("metadata.json", "verify.json", "artifacts/loss_curves.png")
-    ]
+    """Per run: metadata, verification, loss curves, progress measures; per model: the grid summary."""
+    per_run = [path for run in runs() for path in run_outputs(run)]
     per_model = [
         f"{RESULTS}/{model_name}/summary.csv"
         for model_name in sorted({run[0] for run in runs()})
