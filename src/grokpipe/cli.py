@@ -41,6 +41,7 @@ def _train_spec(args) -> tuple:
     """(RunSpec, run_dir, device, threads, threshold) from --spec or --config."""
     from .config import read_config_file, run_spec, validate_config
     from .layout import run_dir
+    from .workflow import threads_per_run
 
     if args.spec is not None:
         try:
@@ -65,7 +66,7 @@ def _train_spec(args) -> tuple:
     if out.name != spec.run_name:
         raise GrokpipeError(f"{out}: a run directory must be named {spec.run_name} (from {source})")
     device = args.device or config["device"]
-    threads = args.threads or config["threads_per_run"]
+    threads = args.threads or threads_per_run(config["threads_per_run"], None, 1)
     threshold = args.grokking_threshold or config["grokking_threshold"]
     return spec, out, device, threads, threshold
 
@@ -223,6 +224,7 @@ class _OneLineParser(argparse.ArgumentParser):
 def cmd_progress(args) -> int:
     from .progress_measures import write_progress
 
+    _keep_freed_memory_in_process()  # the same large temporaries for every checkpoint
     rows, record = write_progress(args.run_dir, args.key_frequencies)
     print(
         f"progress: {args.run_dir}: {len(rows)} checkpoints, key frequencies {record['key_frequencies']}, "

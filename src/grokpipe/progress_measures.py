@@ -21,9 +21,9 @@ the float64 last-position logits at the label; the run's own train/test split.
   F @ W_L).
 
 Cost: one last-position forward per checkpoint feeds every measure. The attention output comes from
-per-token tables (as in the lean forward), and the only p² × d_mlp products are N itself and N·W_out;
-the restricted and excluded logits reuse them through the rank-2K projection (C, CᵀN), never forming
-another p² × d_mlp matrix.
+per-token tables (as in the lean forward); the only p² × d_mlp product is N itself, which reaches the
+logits through M = W_out·W_U. Restricted and excluded logits reuse it through the rank-2K projection
+(C, CᵀN): excluded logits = logits − C(CᵀN)M − biases, never another p² × d_mlp matrix.
 """
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ class Inputs:
     train_idx: torch.Tensor
     test_idx: torch.Tensor
     basis: torch.Tensor  # (p², 2K) float32, the c_f and s_f columns
+    fourier: torch.Tensor  # (p, p) float64, the Fourier basis over Z_p
     p: int
 
 
@@ -133,16 +134,16 @@ def measure(model, inputs: Inputs) -> dict:
     with torch.inference_mode():
         resid_mid = single_layer_resid_mid(model, inputs.tokens)  # (p², d_model)
         N = act(torch.addmm(mlp.b_in, resid_mid, mlp.W_in))  # the one p² × d_mlp activation
-        NW = N @ mlp.W_out
-        logits = torch.addmm(b_U, resid_mid + NW + mlp.b_out, W_U)
+        M = mlp.W_out @ W_U  # (d_mlp, p): neuron -> logit
+        bias = mlp.b_out @ W_U + b_U
+        logits = torch.addmm(torch.addmm(bias, resid_mid, W_U), N, M)  # = (resid_mid + N W_out + b_out) W_U + b_U
         C = inputs.basis
         P = C.T @ N  # (2K, d_mlp): the key-frequency components of every neuron
-        M = mlp.W_out @ W_U
-        restricted = N.mean(dim=0, keepdim=True) @ M + C @ (P @ M)
+        key_logits = C @ (P @ M)  # what the key frequencies of N contribute to the logits
+        restricted = N.mean(dim=0, keepdim=True) @ M + key_logits
         restricted = restricted + (logits.mean(dim=0, keepdim=True) - restricted.mean(dim=0, keepdim=True))
-        excluded = (NW - C @ (P @ mlp.W_out) + resid_mid) @ W_U
+        excluded = logits - bias - key_logits  # = (N_excl W_out + resid_mid) W_U
         W_L = M.T  # (p, d_mlp)
-        basis = fourier_basis(inputs.p)
         params = [param.detach().to(torch.float64) for param in model.parameters()]
         train, test = inputs.train_idx, inputs.test_idx
         predictions = logits.argmax(dim=-1) == inputs.labels
@@ -154,8 +155,8 @@ def measure(model, inputs: Inputs) -> dict:
             "restricted_loss": loss_fn(restricted[test], inputs.labels[test]).item(),
             "excluded_loss": loss_fn(excluded[train], inputs.labels[train]).item(),
             "sum_squared_weights": float(sum((q**2).sum() for q in params)),
-            "gini_W_E": gini(embedding_fourier_norms(model.embed.W_E.detach(), inputs.p)),
-            "gini_W_L": gini((basis @ W_L.detach().to(torch.float64)).norm(dim=-1)),
+            "gini_W_E": gini((inputs.fourier @ model.embed.W_E[: inputs.p].to(torch.float64)).norm(dim=-1)),
+            "gini_W_L": gini((inputs.fourier @ W_L.to(torch.float64)).norm(dim=-1)),
         }
 
 
@@ -188,6 +189,7 @@ def progress_measures(run_dir: str | Path, frequencies: list[int] | None = None)
         train_idx=torch.tensor(metadata["train_indices"], dtype=torch.long),
         test_idx=torch.tensor(metadata["test_indices"], dtype=torch.long),
         basis=frequency_vectors(p, frequencies).to(torch.float32),
+        fourier=fourier_basis(p),
         p=p,
     )
     rows = []

@@ -29,3 +29,21 @@ def train_spec_json(config: dict, model_name: str, prime: str | int, seed: str |
     if prime < 5 or not is_prime(prime):
         raise GrokpipeError(f"{model_name}_p{prime}_seed{seed}: p = {prime} is not a prime >= 5")
     return json.dumps(run_spec(config, prime, int(seed), model_name=model_name).to_dict(), sort_keys=True)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: what a cgroup or SLURM allots)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_run(setting: int | str, cores: int | None, n_runs: int) -> int:
+    """Torch threads of each training job: a number as given; ``auto`` shares the cores Snakemake
+    was given (capped at this machine's CPUs, so ``--cores 4`` on 2 CPUs does not oversubscribe)
+    fairly across the runs, at least one each."""
+    if setting != "auto":
+        return int(setting)
+    usable = min(cores or available_cpus(), available_cpus())
+    return max(1, usable // max(1, n_runs))

@@ -1,5 +1,6 @@
 # Shared helpers: config validation, paths and the per-run spec handed to `grokpipe train`.
 
+import functools
 import os
 
 from snakemake.exceptions import WorkflowError
@@ -8,7 +9,11 @@ from snakemake.utils import validate
 from grokpipe.config import ConfigError, check_semantics, describe_validation_failure
 from grokpipe.errors import GrokpipeError
 from grokpipe.layout import RUN_DIR_RE
-from grokpipe.workflow import train_spec_json, use_this_interpreter_for_jobs
+from grokpipe.workflow import (
+    threads_per_run,
+    train_spec_json,
+    use_this_interpreter_for_jobs,
+)
 
 # Schema (filling defaults) via snakemake.utils.validate, then what a schema cannot say (primality,
 # non-empty splits); either failure is one line naming the key, before any job is scheduled.
@@ -47,6 +52,7 @@ def train_spec(wildcards):
         raise WorkflowError(str(exc)) from None
 
 
+@functools.cache  # the globbing is done once per parse, not once per run
 def legacy_runs():
     """(model_name, prime, seed) of every legacy pickle placed under legacy_dir."""
     found = glob_wildcards(f"{LEGACY}/{{model_name}}/{{name}}.pth")
@@ -58,6 +64,7 @@ def legacy_runs():
     return runs
 
 
+@functools.cache
 def runs():
     """(model_name, prime, seed) of every run: the configured grid and every legacy pickle."""
     grid = [
@@ -66,6 +73,11 @@ def runs():
         for s in config["seeds"]
     ]
     return sorted(set(grid + legacy_runs()))
+
+
+def train_threads():
+    """Threads of each training job (threads_per_run, ``auto`` resolved against --cores)."""
+    return threads_per_run(config["threads_per_run"], workflow.cores, len(runs()))
 
 
 def run_file(run, name):
@@ -82,7 +94,7 @@ def has_progress(run):
         and not model.get("attn_only")
         and model.get("normalization_type") is None
     )
-    return grid_ok or run in legacy_runs()
+    return grid_ok or run in set(legacy_runs())
 
 
 def key_frequencies_flag():

@@ -13,7 +13,7 @@ rule train:
         "benchmarks/{model_name}/train/{model_name}_p{prime}_seed{seed}.tsv"
     conda:
         CONDA_ENV
-    threads: config["threads_per_run"]
+    threads: train_threads()
     resources:
         gpu=1 if config["device"] == "cuda" else 0,
     params:
