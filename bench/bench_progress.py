@@ -31,19 +31,11 @@ from grokpipe.config import grid, validate_config
 from grokpipe.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from demo_reference import DEMO_MODEL  # noqa: E402
 from test_progress_measures import demo_measures  # noqa: E402  (the independent reference computation)
 
 P = 113
 KEY_FREQUENCIES = [14, 35, 41, 42, 52]  # five, as the demo's grokked p = 113 run has
-DEMO_MODEL = {
-    "n_layers": 1,
-    "n_heads": 4,
-    "d_model": 128,
-    "d_head": 32,
-    "d_mlp": 512,
-    "act_fn": "relu",
-    "normalization_type": None,
-}
 
 
 def main() -> None:

@@ -1,8 +1,11 @@
 """Speed and memory of grokpipe's training vs the TransformerLens grokking demo loop, in one run.
 
-Prints ratios measured back to back in this process on this machine (p = 113, frac_train 0.3, test
+Prints ratios measured back to back in one run on this machine (p = 113, frac_train 0.3, test
 loss every epoch, the demo's model):
 
+- as users run it: the demo's loop in a fresh process with torch's defaults vs ``snakemake --cores N``
+  on a one-run config with grokpipe's defaults (threads_per_run: auto, the folded lean forward), and
+  the FLOP floor of the folded formulation at this machine's matrix-product rate;
 - ms/epoch of grokpipe's real ``train()`` vs the demo's loop (verbatim), and the maximum relative
   deviation of their loss curves over the same epochs; for scale, the demo loop against itself at
   another thread count;
@@ -11,7 +14,7 @@ loss every epoch, the demo's model):
 - loading one epoch from our layout vs ``torch.load`` of an equivalent legacy pickle of 250 checkpoints;
 - ``snakemake -n`` for a 1,000-run grid.
 
-Usage: .venv/bin/python bench/bench_training.py [--epochs 1000] [--threads 2]
+Usage: .venv/bin/python bench/bench_training.py [--epochs 1000] [--threads 2] [--pipeline-epochs 400]
 """
 
 from __future__ import annotations
@@ -216,10 +219,78 @@ def snakemake_dry_run_seconds(workdir: Path) -> tuple[float, int]:
     return time.perf_counter() - start, len(primes) * 50
 
 
+def demo_fresh_process_ms(epochs: int) -> float:
+    """The demo loop as a user runs the notebook's code: a fresh process, torch's default threads
+    (every core) and allocator. ms/epoch from epoch 10 on."""
+    code = f"""
+import sys; sys.path.insert(0, {str(REPO / "bench")!r})
+import bench_training as b
+_, _, stamps = b.demo_loop({epochs})
+print((stamps[-1] - stamps[9]) / ({epochs} - 10) * 1000)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return float(out.split()[-1])
+
+
+def pipeline_ms(workdir: Path, epochs: int, cores: int) -> tuple[float, dict]:
+    """grokpipe as a user runs it: snakemake --cores N on a one-run config with the demo's settings
+    and no threads key (threads_per_run: auto). ms/epoch of the training loop, from the run's own
+    segment record (checkpoint writes included)."""
+    config = {
+        "model_name": "bench",
+        "primes": [P],
+        "seeds": [999],
+        "model": DEMO_MODEL,
+        "training": {"frac_train": FRAC, "num_epochs": epochs, "checkpoint_every": 100},
+    }
+    configfile = workdir / "pipeline.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--cores",
+        str(cores),
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir / "pipeline"),
+        "--configfile",
+        str(configfile),
+        "results/bench/bench_p113_seed999/metadata.json",
+    ]
+    subprocess.run(cmd, check=True, capture_output=True)
+    meta = grokpipe.load_metadata(workdir / "pipeline" / "results" / "bench" / "bench_p113_seed999")
+    segment = meta["environment"]["segments"][0]
+    return segment["seconds"] / epochs * 1000, segment
+
+
+def flop_floor_ms(threads: int) -> tuple[float, float]:
+    """(ms/epoch, GFLOP/s): the folded formulation's FLOPs per epoch (lean_forward's docstring)
+    over the rate this machine's matrix products reach."""
+    n_train = int(P * P * FRAC)
+    n_test = P * P - n_train
+    d, m, p, heads, head_dim, pos = 128, 512, P, 4, 32, 3
+    attention = pos * heads * head_dim + heads * head_dim * d
+    folded_eval = (pos * heads + 1) * (m + p) + m * p
+    backward = 2 * m * p + 2 * d * (m + p) + 2 * attention
+    macs = n_train * (folded_eval + attention + backward) + n_test * folded_eval
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n_test, m), torch.randn(m, p)
+    for _ in range(3):
+        a @ b
+    start, reps = time.perf_counter(), 50
+    for _ in range(reps):
+        a @ b
+    rate = 2 * n_test * m * p * reps / (time.perf_counter() - start)
+    return 2 * macs / rate * 1000, rate / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--pipeline-epochs", type=int, default=400, help="epochs of the as-users-run-it comparison")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="grokpipe-bench-"))
@@ -227,6 +298,21 @@ def main() -> None:
     print(
         f"# grokpipe training benchmark: p={P}, frac_train={FRAC}, {args.epochs} epochs, "
         f"{args.threads} threads, {cpu} CPUs, torch {torch.__version__}"
+    )
+
+    # 0. What a user gets: the demo notebook's loop vs the pipeline with its defaults.
+    demo_user = demo_fresh_process_ms(args.pipeline_epochs)
+    ours_user, segment = pipeline_ms(work, args.pipeline_epochs, args.threads)
+    floor, rate = flop_floor_ms(args.threads)
+    print(
+        f"as users run it  demo loop (fresh process, torch defaults) {demo_user:.1f} ms/epoch   "
+        f"grokpipe (snakemake --cores {args.threads}, defaults: threads {segment['threads']}, "
+        f"{segment['implementation']}) {ours_user:.1f} ms/epoch   speed-up {demo_user / ours_user:.2f}x   "
+        f"({args.pipeline_epochs} epochs each)"
+    )
+    print(
+        f"  FLOP floor      {floor:.1f} ms/epoch for the folded one-layer formulation at {rate:.0f} GFLOP/s "
+        f"(this machine's matrix-product rate, {args.threads} threads)"
     )
 
     # 1. Speed and loss curves, with the allocator tuning grokpipe's CLI applies (both loops get it).
@@ -237,7 +323,10 @@ def main() -> None:
     skip = 100  # steady state: from the first checkpoint on, for both
     demo_ms = (demo_stamps[-1] - demo_stamps[skip - 1]) / (args.epochs - skip) * 1000
     ours_ms = (stamps[-1] - stamps[0]) / (args.epochs - skip) * 1000
-    print(f"ms/epoch          demo loop {demo_ms:.1f}   grokpipe {ours_ms:.1f}   speed-up {demo_ms / ours_ms:.2f}x")
+    print(
+        f"in one process    demo loop {demo_ms:.1f}   grokpipe train() {ours_ms:.1f} ms/epoch   "
+        f"speed-up {demo_ms / ours_ms:.2f}x   ({args.threads} threads, allocator tuned for both)"
+    )
     print(
         f"loss curves       max relative deviation over {args.epochs} epochs: "
         f"train {max_rel(meta['train_losses'], demo_train):.2e}, test {max_rel(meta['test_losses'], demo_test):.2e}; "

@@ -148,7 +148,7 @@ def test_write_error_during_checkpoint_keeps_earlier_ones(tmp_path, monkeypatch,
     monkeypatch.setattr(atomic.os, "replace", replace_fails_on_epoch_29)
     run = tmp_path / "run" / "tiny_p5_seed0"
     spec = json.dumps({**spec_for(num_epochs=40, checkpoint_every=10).to_dict()})
-    assert cli.main(["train", str(run), "--spec", spec, "--no-progress"]) == 1
+    assert cli.main(["train", str(run), "--spec", spec, "--no-progress", "--threads", "1"]) == 1
     err = capsys.readouterr().err
     assert "checkpoint_epoch_00029.safetensors: write failed (No space left on device)" in err
     assert "Traceback" not in err
@@ -163,7 +163,7 @@ def test_write_error_during_checkpoint_keeps_earlier_ones(tmp_path, monkeypatch,
     assert json.loads((run / "resume" / "training_state.json").read_text())["epoch"] == 19
 
     monkeypatch.setattr(atomic.os, "replace", real_replace)  # disk freed: the rerun resumes
-    assert cli.main(["train", str(run), "--spec", spec, "--no-progress"]) == 0
+    assert cli.main(["train", str(run), "--spec", spec, "--no-progress", "--threads", "1"]) == 0
     assert "resuming after epoch 19" in capsys.readouterr().err
     assert_runs_identical(run, reference)
 

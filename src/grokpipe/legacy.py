@@ -64,7 +64,7 @@ class LegacyConfig:
 
 NUMERIC_DTYPE_CODES = "?bBhHiIlLqQefdgFD"
 MAX_SCALAR_BYTES = 32  # the widest numeric scalar (complex long double)
-MAX_VISITS = 20_000_000  # containers + items the loaded object may expand to (memo sharing included)
+MAX_VISITS = 5_000_000  # items the loaded object may expand to, memo-shared containers counted per use
 
 
 def _numeric_dtype(np, spec):
@@ -153,15 +153,18 @@ def _check_container(path: Path) -> None:
         raise GrokpipeError(f"{path}: refused: its members claim {total} bytes, more than the file holds")
 
 
+MAX_DEPTH = 64  # nesting of containers (the demo's dict is 3 deep)
+
+
 def _check_bounded(path: Path, obj) -> None:
-    """Walk what was unpickled: memo-shared containers can expand a small file into billions of
-    items once converted, and a tensor view can claim more elements than its storage holds."""
-    visits, stack = 0, [obj]
-    while stack:
-        item = stack.pop()
-        visits += 1
-        if visits > MAX_VISITS:
-            raise GrokpipeError(f"{path}: refused: its containers expand to more than {MAX_VISITS} items")
+    """Refuse what would exhaust memory once used: memo-shared containers that expand a small file
+    into billions of items (a list holding the same list 1,000 times, nested), self-containing
+    containers, and tensor views claiming more elements than their storage holds. Expanded sizes are
+    computed once per distinct object, so checking costs the file's size, not the expansion's."""
+    sizes: dict[int, int | None] = {}  # id -> expanded size; None while being expanded (a cycle)
+    keep = []  # keep every visited object alive so that ids stay unique
+
+    def size(item, depth: int) -> int:
         if torch.is_tensor(item):
             needed = item.numel() * item.element_size()
             if needed > item.untyped_storage().nbytes():
@@ -169,13 +172,28 @@ def _check_bounded(path: Path, obj) -> None:
                     f"{path}: refused: a tensor of shape {list(item.shape)} claims {needed} bytes over a "
                     f"{item.untyped_storage().nbytes()}-byte storage"
                 )
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            stack.extend(item)
-        elif isinstance(item, LegacyConfig):
-            stack.append(item.fields)
+            return 1
+        if isinstance(item, LegacyConfig):
+            item = item.fields
+        if not isinstance(item, (dict, list, tuple, set, frozenset)):
+            return 1
+        key = id(item)
+        if key in sizes:
+            if sizes[key] is None:
+                raise GrokpipeError(f"{path}: refused: a container holds itself")
+            return sizes[key]
+        if depth > MAX_DEPTH:
+            raise GrokpipeError(f"{path}: refused: containers nested more than {MAX_DEPTH} deep")
+        sizes[key] = None
+        keep.append(item)
+        children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+        total = 1 + sum(size(child, depth + 1) for child in children)
+        if total > MAX_VISITS:
+            raise GrokpipeError(f"{path}: refused: its containers expand to more than {MAX_VISITS} items")
+        sizes[key] = total
+        return total
+
+    size(obj, 0)
 
 
 def safe_load(path: str | Path, mmap: bool = False):
