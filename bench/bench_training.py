@@ -249,6 +249,7 @@ def pipeline_ms(workdir: Path, epochs: int, cores: int) -> tuple[float, dict]:
         sys.executable,
         "-m",
         "snakemake",
+        "results/bench/bench_p113_seed999/metadata.json",  # before --configfile, which takes several values
         "--cores",
         str(cores),
         "-s",
@@ -257,7 +258,6 @@ def pipeline_ms(workdir: Path, epochs: int, cores: int) -> tuple[float, dict]:
         str(workdir / "pipeline"),
         "--configfile",
         str(configfile),
-        "results/bench/bench_p113_seed999/metadata.json",
     ]
     subprocess.run(cmd, check=True, capture_output=True)
     meta = grokpipe.load_metadata(workdir / "pipeline" / "results" / "bench" / "bench_p113_seed999")

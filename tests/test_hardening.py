@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import grokpipe_cli, run_dir_of, snakemake, tiny_config, write_config
 
 import grokpipe
@@ -212,3 +213,11 @@ def test_a_failed_verification_inside_snakemake_stays_visible(trained_grid, tmp_
     inspected = grokpipe_cli("inspect", str(run))
     named = str(path.relative_to(workdir))  # Snakemake runs verify from the workdir
     assert "verification failed" in inspected.stdout and f"{named}: sha256 differs" in inspected.stdout
+
+
+def test_first_difference_compares_bits():
+    nan = torch.tensor([float("nan"), 1.0])
+    assert first_difference({"x": nan}, {"x": nan.clone()}) is None  # identical NaNs are equal
+    assert first_difference({"x": torch.tensor([0.0])}, {"x": torch.tensor([-0.0])}) == "tensor x differs"
+    assert first_difference({"x": torch.zeros(2)}, {"x": torch.zeros(2, dtype=torch.float64)}) == "tensor x differs"
+    assert first_difference({"x": torch.zeros(2)}, {"y": torch.zeros(2)}) == "tensor names differ"
