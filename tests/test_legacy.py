@@ -178,10 +178,23 @@ def test_convert_rule_end_to_end(legacy_files, tmp_path):
     dry = snakemake(tmp_path, "-n", "--cores", "1", configfile=configfile)
     assert "rule convert:" in dry.stdout and "rule train:" in dry.stdout  # all: the grid run + the legacy run
     assert "tiny_p11_seed999" in dry.stdout and "tiny_p5_seed0" in dry.stdout
-    snakemake(tmp_path, "--cores", "2", "results/tiny/tiny_p11_seed999/verify.json", configfile=configfile)
+    snakemake(
+        tmp_path,
+        "--cores",
+        "2",
+        "results/tiny/tiny_p11_seed999/verify.json",
+        "results/tiny/tiny_p11_seed999/artifacts/progress_measures.csv",  # progress measures of a converted run
+        configfile=configfile,
+    )
     run = run_dir_of(tmp_path, 11, 999)
     assert grokpipe.load_metadata(run)["source"] == "converted"
     assert grokpipe.list_epochs(run) == [3, 7, 11]
+    progress = (run / "artifacts" / "progress_measures.csv").read_text().splitlines()
+    assert progress[0].startswith("epoch,train_loss,test_loss") and [r.split(",")[0] for r in progress[1:]] == [
+        "3",
+        "7",
+        "11",
+    ]
     assert json.loads((run / "verify.json").read_text())["ok"]
     assert (tmp_path / "logs" / "tiny" / "convert" / "tiny_p11_seed999.log").exists()
     assert not run_dir_of(tmp_path, 5, 0).exists()  # only what was asked for ran
