@@ -46,15 +46,8 @@ from grokpipe.model import freeze_biases, loss_fn  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 P, FRAC = 113, 0.3
-DEMO_MODEL = {
-    "n_layers": 1,
-    "n_heads": 4,
-    "d_model": 128,
-    "d_head": 32,
-    "d_mlp": 512,
-    "act_fn": "relu",
-    "normalization_type": None,
-}
+sys.path.insert(0, str(REPO / "tests"))
+from demo_reference import DEMO_MODEL  # noqa: E402  (the demo's model, one definition)
 
 
 def demo_loop(num_epochs: int, checkpoint_every: int = 100, seed: int = 999):
