@@ -76,8 +76,14 @@ def runs():
 
 
 def train_threads():
-    """Threads of each training job (threads_per_run, ``auto`` resolved against --cores)."""
-    return threads_per_run(config["threads_per_run"], workflow.cores, len(runs()))
+    """Threads of each training job (threads_per_run, ``auto`` resolved against --cores). A cluster
+    executor has no local core budget (--jobs instead of --cores): the profile's set-threads decide.
+    """
+    try:
+        cores = workflow.cores
+    except WorkflowError:
+        cores = None
+    return threads_per_run(config["threads_per_run"], cores, len(runs()))
 
 
 def run_file(run, name):
