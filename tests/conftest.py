@@ -56,12 +56,17 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
-def snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout: int = 600, check=True):
-    """Run the real workflow in ``workdir`` (a temp dir) with this interpreter's snakemake."""
+def snakemake_command(workdir: Path, *args: str, configfile: Path | None = None) -> list[str]:
+    """The command line of the real workflow in ``workdir`` with this interpreter's snakemake."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir)]
     if configfile is not None:
         cmd += ["--configfile", str(configfile)]
-    cmd += list(args)
+    return cmd + list(args)
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout: int = 600, check=True):
+    """Run the real workflow in ``workdir`` (a temp dir) with this interpreter's snakemake."""
+    cmd = snakemake_command(workdir, *args, configfile=configfile)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:

@@ -6,12 +6,11 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import SNAKEFILE, run_dir_of, snakemake, tiny_config, write_config
+from conftest import run_dir_of, snakemake, snakemake_command, tiny_config, write_config
 
 import grokpipe
 from grokpipe import atomic, cli, resume
@@ -66,19 +65,7 @@ def uninterrupted(tmp_path_factory):
 def test_sigkill_of_the_workflow_resumes_bit_identical(tmp_path, uninterrupted):
     configfile = write_config(tmp_path / "config.yaml", KILL_CONFIG)
     runs = [run_dir_of(tmp_path, p, 0) for p in (5, 7)]
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(SNAKEFILE),
-        "--directory",
-        str(tmp_path),
-        "--configfile",
-        str(configfile),
-        "--cores",
-        "2",
-    ]
+    cmd = snakemake_command(tmp_path, "--cores", "2", configfile=configfile)
     before = {}
     for kill_after in (6, 30):  # kill twice, at different points of the runs
         proc = subprocess.Popen(
@@ -108,19 +95,7 @@ def test_killed_training_job_resumes_on_plain_rerun(tmp_path, uninterrupted):
     config = tiny_config(primes=[7], seeds=[0], training={"num_epochs": 1500, "checkpoint_every": 20})
     configfile = write_config(tmp_path / "config.yaml", config)
     run = run_dir_of(tmp_path, 7, 0)
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(SNAKEFILE),
-        "--directory",
-        str(tmp_path),
-        "--configfile",
-        str(configfile),
-        "--cores",
-        "1",
-    ]
+    cmd = snakemake_command(tmp_path, "--cores", "1", configfile=configfile)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for_checkpoints([run], 10, proc)
     trainer = subprocess.run(

@@ -8,11 +8,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import REPO, SNAKEFILE, run_dir_of, tiny_config, write_config
+from conftest import REPO, run_dir_of, snakemake_command, tiny_config, write_config
 
 import grokpipe
 
@@ -61,19 +60,7 @@ def cluster(tmp_path_factory):
 
 
 def slurm_snakemake(workdir, configfile, env, *extra, wait=True):
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(SNAKEFILE),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(configfile),
-        *SLURM_ARGS,
-        *extra,
-    ]
+    cmd = snakemake_command(workdir, *SLURM_ARGS, *extra, configfile=configfile)
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
