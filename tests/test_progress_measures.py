@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from conftest import grokpipe_cli, run_dir_of, tiny_config
+from conftest import grokpipe_cli, run_dir_of, snakemake, tiny_config, write_config
 
 import grokpipe
-from grokpipe.config import grid, validate_config
+from grokpipe.config import grid, progress_unsupported_reason, validate_config
 from grokpipe.progress_measures import COLUMNS, write_progress
 from grokpipe.train import train
 
@@ -148,3 +148,12 @@ def test_the_workflow_makes_them_for_every_run_and_the_summary(trained_grid):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4 and all(row["key_frequencies"] for row in rows)
     assert "restricted_grokking_epoch" in rows[0]
+
+
+def test_the_workflow_asks_for_them_only_where_they_are_defined(tmp_path):
+    assert progress_unsupported_reason(tiny_config()["model"]) is None
+    for change in ({"act_fn": "gelu_new"}, {"n_layers": 2}, {"attn_only": True}, {"normalization_type": "LN"}):
+        assert progress_unsupported_reason({**tiny_config()["model"], **change}) is not None, change
+    configfile = write_config(tmp_path / "config.yaml", tiny_config(model={"act_fn": "gelu_new"}))
+    dry = snakemake(tmp_path, "-n", "--cores", "1", configfile=configfile)
+    assert "rule train:" in dry.stdout and "rule progress:" not in dry.stdout

@@ -259,6 +259,23 @@ class RunSpec:
         }
 
 
+LEAN_ACT_FNS = ("relu", "gelu", "silu")  # activations the lean forward and the progress measures compute
+
+
+def progress_unsupported_reason(model: dict) -> str | None:
+    """Why the progress measures cannot be computed for a model with these HookedTransformerConfig
+    fields (None when they can); absent fields take HookedTransformerConfig's defaults."""
+    if model.get("n_layers") != 1 or model.get("attn_only", False):
+        return "the progress measures are defined for one-layer models with an MLP"
+    if model.get("normalization_type") is not None:
+        return f"normalization_type {model['normalization_type']!r} (the measures read the raw residual stream)"
+    if model.get("act_fn", "relu") not in LEAN_ACT_FNS:
+        return f"act_fn {model['act_fn']!r}"
+    if model.get("positional_embedding_type", "standard") != "standard":
+        return "non-standard positional embedding"
+    return None
+
+
 def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 

@@ -73,10 +73,11 @@ def latest_verification(layout: RunLayout) -> dict | None:
     return None
 
 
-def run_state(layout: RunLayout) -> tuple[str, int | None]:
-    """(state, epochs done) of a run directory, from its JSON files only."""
+def run_state(layout: RunLayout, verify: dict | None = None) -> tuple[str, int | None]:
+    """(state, epochs done) of a run directory, from its JSON files only (``verify``: its
+    latest_verification, when the caller has already read it)."""
     metadata = _json(layout.metadata)
-    verify = latest_verification(layout)
+    verify = verify if verify is not None else latest_verification(layout)
     if metadata is not None:
         if metadata.get("diverged_at_epoch") is not None:
             state = f"diverged at epoch {metadata['diverged_at_epoch']}"
@@ -99,7 +100,8 @@ def inspect_run(run_dir: Path) -> dict:
     layout = RunLayout(run_dir)
     metadata = _json(layout.metadata) or {}
     config = _json(layout.config) or {}
-    state, done = run_state(layout)
+    verification = latest_verification(layout)
+    state, done = run_state(layout, verification)
     final = _file_summary(layout.final_model) if layout.final_model.exists() else None
     return {
         "format": "grokpipe run directory",
@@ -118,7 +120,7 @@ def inspect_run(run_dir: Path) -> dict:
         "grokking_epoch": metadata.get("grokking_epoch"),
         "grokking_threshold": metadata.get("grokking_threshold"),
         "diverged_at_epoch": metadata.get("diverged_at_epoch"),
-        "verification_problems": (latest_verification(layout) or {}).get("problems"),
+        "verification_problems": (verification or {}).get("problems"),
         "final_model": final,
     }
 

@@ -37,7 +37,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+from .config import LEAN_ACT_FNS
+
+ACTIVATIONS = {name: getattr(F, name) for name in LEAN_ACT_FNS}  # torch.nn.functional.relu, ...
 
 
 def unsupported_reason(cfg) -> str | None:

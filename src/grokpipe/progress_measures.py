@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from .atomic import write_bytes_atomic, write_json_atomic
+from .config import progress_unsupported_reason
 from .data import all_pairs
 from .errors import GrokpipeError
 from .layout import RunLayout
@@ -80,12 +81,13 @@ def gini(x: torch.Tensor) -> float:
     return float(2 * (i * x).sum() / (n * total) - (n + 1) / n)
 
 
-def embedding_fourier_norms(W_E: torch.Tensor, p: int) -> torch.Tensor:
-    return (fourier_basis(p) @ W_E[:p].to(torch.float64)).norm(dim=-1)
+def fourier_norms(basis: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Norm of each Fourier component of the p rows of ``W`` (``basis``: fourier_basis(p))."""
+    return (basis @ W.detach().to(torch.float64)).norm(dim=-1)
 
 
 def key_frequencies(W_E: torch.Tensor, p: int) -> list[int]:
-    norms = embedding_fourier_norms(W_E, p)
+    norms = fourier_norms(fourier_basis(p), W_E[:p])
     keep = [i for i in range(1, p) if norms[i] > norms.max() / 4]
     return sorted({(i + 1) // 2 for i in keep})
 
@@ -100,18 +102,6 @@ def frequency_vectors(p: int, frequencies: list[int]) -> torch.Tensor:
             v = fn(2 * math.pi * f * (a + b) / p)
             columns.append(v / v.norm())
     return torch.stack(columns, dim=1)
-
-
-def unsupported_reason(cfg) -> str | None:
-    if cfg.n_layers != 1 or cfg.attn_only:
-        return "the progress measures are defined for one-layer models with an MLP"
-    if cfg.normalization_type is not None:
-        return f"normalization_type {cfg.normalization_type!r} (the measures read the raw residual stream)"
-    if cfg.act_fn not in ACTIVATIONS:
-        return f"act_fn {cfg.act_fn!r}"
-    if cfg.positional_embedding_type != "standard":
-        return "non-standard positional embedding"
-    return None
 
 
 @dataclass
@@ -155,8 +145,8 @@ def measure(model, inputs: Inputs) -> dict:
             "restricted_loss": loss_fn(restricted[test], inputs.labels[test]).item(),
             "excluded_loss": loss_fn(excluded[train], inputs.labels[train]).item(),
             "sum_squared_weights": float(sum((q**2).sum() for q in params)),
-            "gini_W_E": gini((inputs.fourier @ model.embed.W_E[: inputs.p].to(torch.float64)).norm(dim=-1)),
-            "gini_W_L": gini((inputs.fourier @ W_L.to(torch.float64)).norm(dim=-1)),
+            "gini_W_E": gini(fourier_norms(inputs.fourier, model.embed.W_E[: inputs.p])),
+            "gini_W_L": gini(fourier_norms(inputs.fourier, W_L)),
         }
 
 
@@ -167,7 +157,7 @@ def progress_measures(run_dir: str | Path, frequencies: list[int] | None = None)
     layout = RunLayout(Path(run_dir))
     metadata, config = load_metadata(layout.root), load_config(layout.root)
     model = empty_model(config_from_json(config["hooked_transformer_config"]))
-    reason = unsupported_reason(model.cfg)
+    reason = progress_unsupported_reason(model.cfg.to_dict())
     if reason:
         raise GrokpipeError(f"{layout.root}: no progress measures: {reason}")
     p = int(metadata["prime"])

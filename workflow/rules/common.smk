@@ -6,7 +6,12 @@ import os
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from grokpipe.config import ConfigError, check_semantics, describe_validation_failure
+from grokpipe.config import (
+    ConfigError,
+    check_semantics,
+    describe_validation_failure,
+    progress_unsupported_reason,
+)
 from grokpipe.errors import GrokpipeError
 from grokpipe.layout import RUN_DIR_RE
 from grokpipe.workflow import (
@@ -94,13 +99,9 @@ def run_file(run, name):
 def has_progress(run):
     """Progress measures need a one-layer model with an MLP: legacy runs (the demo's) and grids
     whose model is one."""
-    model = config["model"]
-    grid_ok = (
-        model["n_layers"] == 1
-        and not model.get("attn_only")
-        and model.get("normalization_type") is None
+    return progress_unsupported_reason(config["model"]) is None or run in set(
+        legacy_runs()
     )
-    return grid_ok or run in set(legacy_runs())
 
 
 def key_frequencies_flag():
