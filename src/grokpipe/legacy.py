@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import GrokpipeError
+from .io.restricted_pickle import StandIn, numpy_allowlist, safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -47,153 +46,18 @@ REQUIRED_KEYS = (
 )
 
 
-class LegacyConfig:
+class LegacyConfig(StandIn):
     """Stand-in for a pickled HookedTransformerConfig: keeps its fields as a plain dict."""
 
-    def __init__(self, *args, **kwargs):
-        self.fields = {}
-
     def __setstate__(self, state):
-        # Pickle's BUILD hands over the instance __dict__ (possibly with a slot-state tuple).
-        if isinstance(state, tuple) and len(state) == 2:
+        if isinstance(state, tuple) and len(state) == 2:  # __dict__ plus a slot-state dict
             state = {**(state[0] or {}), **(state[1] or {})}
         if not isinstance(state, dict):
             raise TypeError(f"unexpected config state of type {type(state).__name__}")
         self.fields = dict(state)
 
 
-NUMERIC_DTYPE_CODES = "?bBhHiIlLqQefdgFD"
-MAX_SCALAR_BYTES = 32  # the widest numeric scalar (complex long double)
-MAX_VISITS = 5_000_000  # items the loaded object may expand to, memo-shared containers counted per use
-
-
-def _numeric_dtype(np, spec):
-    """``numpy.dtype(spec)`` for numeric dtypes only: ``dtype('V500000000')`` would make the scalar
-    that follows allocate half a gigabyte from a 1 KB file."""
-    dtype = np.dtype(spec)
-    if dtype.char not in NUMERIC_DTYPE_CODES or dtype.itemsize > MAX_SCALAR_BYTES:
-        raise ValueError(f"numpy dtype {str(dtype)!r} is not a numeric scalar type")
-    return dtype
-
-
-def _numpy_allowlist() -> list:
-    """numpy scalars (TransformerLens computes e.g. ``attn_scale`` with ``np.sqrt``) pickle through
-    ``multiarray.scalar(dtype, bytes)``, which only rebuilds a number. Both are mapped to guarded
-    stand-ins under the numpy 1.x and 2.x paths: numeric dtypes only, bytes of exactly that size."""
-    try:
-        import numpy as np
-    except ImportError:  # files without numpy scalars still load
-        return []
-    core = getattr(np, "_core", None) or np.core
-    real_scalar = core.multiarray.scalar
-
-    def dtype(spec, align=False, copy=False):
-        return _numeric_dtype(np, spec)
-
-    def scalar(dtype_, data=None):
-        dtype_ = _numeric_dtype(np, dtype_)
-        if not isinstance(data, bytes) or len(data) != dtype_.itemsize:
-            raise ValueError(f"numpy scalar of {dtype_} with {type(data).__name__} data of the wrong size")
-        return real_scalar(dtype_, data)
-
-    entries = [
-        (scalar, "numpy._core.multiarray.scalar"),
-        (scalar, "numpy.core.multiarray.scalar"),
-        (dtype, "numpy.dtype"),
-    ]
-    for code in NUMERIC_DTYPE_CODES:
-        cls = type(np.dtype(code))
-        entries.append((cls, f"numpy.dtypes.{cls.__name__}"))
-    return entries
-
-
-def _allowlist():
-    return [(LegacyConfig, path) for path in CONFIG_CLASS_PATHS] + _numpy_allowlist()
-
-
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
-_CALL_RE = re.compile(r"unrecognized function (.+?)(?: which belongs|$)")
-
-
-def _refusal(path: Path, exc: Exception) -> GrokpipeError:
-    text = str(exc)
-    named = _GLOBAL_RE.search(text)
-    if named:
-        return GrokpipeError(
-            f"{path}: refused: the pickle names global {named.group(1)}, which is not on grokpipe's allowlist "
-            "(tensors, containers and the HookedTransformerConfig class); nothing from it was run or written"
-        )
-    called = _CALL_RE.search(text)
-    if called:
-        return GrokpipeError(f"{path}: refused: the pickle calls {called.group(1)}; nothing from it was run or written")
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return GrokpipeError(f"{path}: not a readable PyTorch pickle ({first})")
-
-
-def _check_container(path: Path) -> None:
-    """The zip container torch.save writes (since torch 1.6): members stored, never compressed, so
-    the tensor data cannot exceed the file (a deflated member could expand into a zip bomb)."""
-    if not zipfile.is_zipfile(path):
-        raise GrokpipeError(
-            f"{path}: not a readable PyTorch pickle (not the zip format torch.save writes since torch 1.6; "
-            "the older format declares storage sizes the restricted loader cannot bound, so it is not read)"
-        )
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise GrokpipeError(f"{path}: not a readable PyTorch pickle ({exc})") from None
-    for member in members:
-        if member.compress_type != zipfile.ZIP_STORED:
-            raise GrokpipeError(
-                f"{path}: refused: zip member {member.filename} is compressed (torch.save never does that)"
-            )
-    total = sum(member.file_size for member in members)
-    if total > path.stat().st_size:
-        raise GrokpipeError(f"{path}: refused: its members claim {total} bytes, more than the file holds")
-
-
-MAX_DEPTH = 64  # nesting of containers (the demo's dict is 3 deep)
-
-
-def _check_bounded(path: Path, obj) -> None:
-    """Refuse what would exhaust memory once used: memo-shared containers that expand a small file
-    into billions of items (a list holding the same list 1,000 times, nested), self-containing
-    containers, and tensor views claiming more elements than their storage holds. Expanded sizes are
-    computed once per distinct object, so checking costs the file's size, not the expansion's."""
-    sizes: dict[int, int | None] = {}  # id -> expanded size; None while being expanded (a cycle)
-    keep = []  # keep every visited object alive so that ids stay unique
-
-    def size(item, depth: int) -> int:
-        if torch.is_tensor(item):
-            needed = item.numel() * item.element_size()
-            if needed > item.untyped_storage().nbytes():
-                raise GrokpipeError(
-                    f"{path}: refused: a tensor of shape {list(item.shape)} claims {needed} bytes over a "
-                    f"{item.untyped_storage().nbytes()}-byte storage"
-                )
-            return 1
-        if isinstance(item, LegacyConfig):
-            item = item.fields
-        if not isinstance(item, (dict, list, tuple, set, frozenset)):
-            return 1
-        key = id(item)
-        if key in sizes:
-            if sizes[key] is None:
-                raise GrokpipeError(f"{path}: refused: a container holds itself")
-            return sizes[key]
-        if depth > MAX_DEPTH:
-            raise GrokpipeError(f"{path}: refused: containers nested more than {MAX_DEPTH} deep")
-        sizes[key] = None
-        keep.append(item)
-        children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
-        total = 1 + sum(size(child, depth + 1) for child in children)
-        if total > MAX_VISITS:
-            raise GrokpipeError(f"{path}: refused: its containers expand to more than {MAX_VISITS} items")
-        sizes[key] = total
-        return total
-
-    size(obj, 0)
+ALLOWED = "tensors, containers and the HookedTransformerConfig class"
 
 
 def safe_load(path: str | Path, mmap: bool = False):
@@ -201,18 +65,8 @@ def safe_load(path: str | Path, mmap: bool = False):
 
     ``mmap=True`` maps tensor data instead of reading it.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise GrokpipeError(f"{path}: no such file")
-    _check_container(path)
-    try:
-        with torch.serialization.safe_globals(_allowlist()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # weights-only unpickling cannot run code, so any failure is a bad file
-        raise _refusal(path, exc) from None
-    _check_bounded(path, data)
-    return data
+    allowlist = [(LegacyConfig, path_) for path_ in CONFIG_CLASS_PATHS] + numpy_allowlist()
+    return safe_torch_load(path, allowlist, ALLOWED, mmap=mmap)
 
 
 @dataclass
