@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from .errors import GrokpipeError
 
 TMP_MARKER = ".tmp-"
+log = logging.getLogger(__name__)
 
 
 def current_umask() -> int:
@@ -112,3 +115,27 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Rename the finished ``staging`` directory to ``target`` (a sibling); an existing ``target``
+    (replaced on ``--force``) is set aside first and removed once the new one is in place."""
+    if target.exists():
+        if any(target.iterdir()):
+            log.warning("%s existed and is replaced (--force)", target)
+        aside = make_unique_dir(target.parent, f".{target.name}.replaced-")
+        target.rename(aside / target.name)
+        staging.rename(target)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        staging.rename(target)
+    fsync_dir(target.parent)
+
+
+def remove_stale_staging(target: Path, markers: tuple[str, ...]) -> None:
+    """Staging and set-aside directories a killed writer left beside ``target`` (``.NAME{marker}*``);
+    call it with the target's writer lock held."""
+    for entry in target.parent.glob(f".{target.name}.*"):
+        if entry.is_dir() and any(entry.name.startswith(f".{target.name}{m}") for m in markers):
+            log.info("removing %s, left by an interrupted run", entry)
+            shutil.rmtree(entry, ignore_errors=True)

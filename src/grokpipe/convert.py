@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ._version import __version__
-from .atomic import fsync_dir, make_unique_dir, sha256_file, write_json_atomic
+from .atomic import make_unique_dir, remove_stale_staging, replace_directory, sha256_file, write_json_atomic
 from .config import canonical_json, run_name
 from .errors import GrokpipeError
 from .layout import RUN_DIR_RE, RunLayout
@@ -94,7 +94,7 @@ def convert(
     with writer_lock(run_dir, "convert"):
         if run_dir.exists() and any(run_dir.iterdir()) and not force:
             raise GrokpipeError(f"{run_dir}: already holds a run; pass --force to replace it (nothing was written)")
-        _remove_stale_staging(run_dir)
+        remove_stale_staging(run_dir, STAGING_MARKERS)
         metadata = _convert_locked(
             run, run_dir, model_name, prime, seed, hooked, config_hash, legacy_sha, normalized, grokking_threshold
         )
@@ -103,14 +103,6 @@ def convert(
 
 
 STAGING_MARKERS = (".converting-", ".replaced-")
-
-
-def _remove_stale_staging(run_dir: Path) -> None:
-    """Staging and set-aside directories a killed convert left beside ``run_dir`` (safe: the lock is held)."""
-    for entry in run_dir.parent.glob(f".{run_dir.name}.*"):
-        if entry.is_dir() and any(entry.name.startswith(f".{run_dir.name}{m}") for m in STAGING_MARKERS):
-            log.info("removing %s, left by an interrupted conversion", entry)
-            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _convert_locked(run, run_dir, model_name, prime, seed, hooked, config_hash, legacy_sha, normalized, threshold):
@@ -128,7 +120,7 @@ def _convert_locked(run, run_dir, model_name, prime, seed, hooked, config_hash, 
             normalized,
             threshold,
         )
-        _move_into_place(staging, run_dir)
+        replace_directory(staging, run_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return metadata
@@ -205,18 +197,3 @@ def _write_run(
     }
     write_json_atomic(layout.metadata, metadata)
     return metadata
-
-
-def _move_into_place(staging: Path, run_dir: Path) -> None:
-    """Rename the finished staging directory to ``run_dir``; an existing run there (``--force``) is
-    set aside first and removed once the new one is in place."""
-    if run_dir.exists():
-        if any(run_dir.iterdir()):
-            log.warning("%s existed and is replaced by the conversion (--force)", run_dir)
-        aside = make_unique_dir(run_dir.parent, f".{run_dir.name}.replaced-")
-        run_dir.rename(aside / run_dir.name)
-        staging.rename(run_dir)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        staging.rename(run_dir)
-    fsync_dir(run_dir.parent)
