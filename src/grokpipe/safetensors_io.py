@@ -47,6 +47,18 @@ def header(
     }
 
 
+def consolidated_header(source_format: str, source_path: str, dtype: str) -> dict[str, str]:
+    """``__metadata__`` of a file consolidated from another trainer's checkpoint."""
+    return {
+        "format": "pt",
+        "source": "consolidated",
+        "source_format": source_format,
+        "source_path": source_path,
+        "dtype": dtype,
+        "grokpipe_version": __version__,
+    }
+
+
 def serialize_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
     return save(tensors, metadata=metadata)

@@ -1,0 +1,171 @@
+"""``grokpipe consolidate``: a checkpoint from another trainer (Hugging Face sharded safetensors or
+``.bin``, a single model file, torch.distributed.checkpoint, DeepSpeed ZeRO 1/2/3) into one
+self-contained ``model.safetensors`` with a ``consolidation.json`` record.
+
+The output directory is built in a staging directory beside it and renamed into place, so bad
+input (found while the source is described, before anything is written) or a crash leaves nothing
+in it. Tensors stream from the source into the file one at a time (see
+:mod:`grokpipe.io.safetensors_stream`); the source files are hashed on a second thread meanwhile.
+There is deliberately no pickle output.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ._version import __version__
+from .atomic import make_unique_dir, remove_stale_staging, replace_directory, sha256_file, write_json_atomic
+from .errors import GrokpipeError
+from .io.detect import checkpoint_dirs, detect
+from .io.safetensors_stream import output_dtype, verify_streamed, write_streaming
+from .io.sources import CheckpointSource, dtype_name
+from .safetensors_io import consolidated_header
+from .writer_lock import writer_lock
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MODEL_FILE = "model.safetensors"
+RECORD_FILE = "consolidation.json"
+CONFIG_FILE = "config.json"
+STAGING_MARKERS = (".consolidating-", ".replaced-")
+
+
+def _cast(dtype: str | None) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise GrokpipeError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}") from None
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+def _output_bytes(source: CheckpointSource, cast: torch.dtype | None) -> int:
+    return sum(e.nbytes // e.dtype.itemsize * output_dtype(e, cast).itemsize for e in source.tensors.values())
+
+
+def describe(source: CheckpointSource, out_dir: Path, dtype: str | None) -> str:
+    """What consolidating ``source`` into ``out_dir`` reads and writes (the ``--dry-run`` text)."""
+    cast = _cast(dtype)
+    out_bytes = _output_bytes(source, cast)
+    lines = [f"{source.root}: {source.format}" + "".join(f", {k} {v}" for k, v in source.details.items())]
+    lines += [f"  reads {path} ({_size(path.stat().st_size)})" for path in source.files]
+    counts: dict[str, int] = {}
+    for entry in source.tensors.values():
+        key = f"{dtype_name(entry.dtype)}->{dtype_name(output_dtype(entry, cast))}"
+        counts[key] = counts.get(key, 0) + 1
+    lines.append(
+        f"  {len(source.tensors)} tensors, {_size(source.nbytes)} ({', '.join(f'{v} {k}' for k, v in counts.items())})"
+    )
+    if source.extras:
+        lines.append(f"  non-tensor entries: {', '.join(sorted(source.extras))}")
+    lines.append(f"  would write {out_dir / MODEL_FILE} ({_size(out_bytes)}), {out_dir / RECORD_FILE}")
+    if source.config is not None:
+        lines.append(f"  would copy {source.config} to {out_dir / CONFIG_FILE}")
+    return "\n".join(lines)
+
+
+def _record(source: CheckpointSource, dtype: str | None, hashes: dict[Path, str], model_sha: str, model_bytes: int):
+    """consolidation.json: where the weights came from and what was done to them."""
+    cast = _cast(dtype)
+    files = [
+        {"path": str(path.relative_to(source.root)), "bytes": path.stat().st_size, "sha256": hashes[path]}
+        for path in source.files
+    ]
+    return {
+        "grokpipe_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"format": source.format, "path": str(source.root.resolve()), **source.details, "files": files},
+        "output": {"file": MODEL_FILE, "bytes": model_bytes, "sha256": model_sha},
+        "dtype": dtype or "as the source",
+        "tensor_count": len(source.tensors),
+        "tensor_bytes": _output_bytes(source, cast),
+        "tensors": {
+            name: {
+                "dtype": dtype_name(output_dtype(entry, cast)),
+                "source_dtype": dtype_name(entry.dtype),
+                "shape": list(entry.shape),
+            }
+            for name, entry in source.tensors.items()
+        },
+        "config": CONFIG_FILE if source.config is not None else None,
+        "non_tensor_entries": source.extras,
+    }
+
+
+def _write(source: CheckpointSource, directory: Path, dtype: str | None) -> dict:
+    """Everything of one consolidated checkpoint into the (staging) ``directory``."""
+    cast = _cast(dtype)
+    metadata = consolidated_header(source.format, str(source.root.resolve()), dtype or "as the source")
+    model = directory / MODEL_FILE
+    with ThreadPoolExecutor(max_workers=1) as pool:  # hashing runs beside the copy (hashlib frees the GIL)
+        pending = {path: pool.submit(sha256_file, path) for path in source.files}
+        model_sha = write_streaming(model, source.tensors, source.read, cast, metadata)
+        verify_streamed(model, source.tensors, source.read, cast)
+        hashes = {path: future.result() for path, future in pending.items()}
+    if source.config is not None:
+        shutil.copyfile(source.config, directory / CONFIG_FILE)
+    record = _record(source, dtype, hashes, model_sha, model.stat().st_size)
+    write_json_atomic(directory / RECORD_FILE, record)
+    return record
+
+
+def _write_into_place(source: CheckpointSource, out_dir: Path, dtype: str | None, force: bool) -> dict:
+    with writer_lock(out_dir, "consolidate"):
+        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+            raise GrokpipeError(f"{out_dir}: already exists; pass --force to replace it (nothing was written)")
+        remove_stale_staging(out_dir, STAGING_MARKERS)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = make_unique_dir(out_dir.parent, f".{out_dir.name}.consolidating-")
+        try:
+            record = _write(source, staging, dtype)
+            replace_directory(staging, out_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    log.info("consolidated %s (%s, %d tensors) -> %s", source.root, source.format, len(source.tensors), out_dir)
+    return record
+
+
+def consolidate(input_dir, out_dir, dtype: str | None = None, dry_run: bool = False, force: bool = False):
+    """Consolidate one checkpoint directory into ``out_dir``; returns the record (or the
+    ``--dry-run`` description)."""
+    _cast(dtype)
+    source = detect(Path(input_dir))
+    if dry_run:
+        return describe(source, Path(out_dir), dtype)
+    return _write_into_place(source, Path(out_dir), dtype, force)
+
+
+def consolidate_all(run_dir, out_dir, dtype=None, pattern=None, dry_run=False, force=False, progress=True):
+    """Every ``checkpoint-N``/``global_stepN`` of ``run_dir`` into ``out_dir/{name}_step_{N}/``.
+    All checkpoints are described (and so checked) before the first is written."""
+    _cast(dtype)
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    name = run_dir.resolve().name
+    plans = [(detect(path), out_dir / f"{name}_step_{step}") for step, path in checkpoint_dirs(run_dir, pattern)]
+    if dry_run:
+        return "\n".join(describe(source, target, dtype) for source, target in plans)
+    if not force:
+        existing = [target for _, target in plans if target.exists()]
+        if existing:
+            raise GrokpipeError(f"{existing[0]}: already exists; pass --force to replace it (nothing was written)")
+    from tqdm import tqdm
+
+    records = []
+    for source, target in tqdm(plans, desc="consolidating", unit="checkpoint", disable=not progress):
+        records.append(_write_into_place(source, target, dtype, force))
+    return records

@@ -1,0 +1,184 @@
+"""``torch.distributed.checkpoint`` directories (what FSDP and FSDP2 write): a ``.metadata`` pickle
+and one ``__{rank}_{n}.distcp`` file per writer.
+
+``.metadata`` is unpickled by an allowlist unpickler that maps DCP's metadata classes to inert
+stand-ins; torch's own reader would ``pickle.load`` it. Each stored item is a ``torch.save`` archive
+at ``[offset, offset + length)`` of its ``.distcp`` file, read with the weights-only loader. A
+tensor is reassembled from its chunks (any number of ranks, uneven sizes), checked to tile it
+exactly; nested state-dict keys are already flattened with ``.`` by DCP. Non-tensor items (step
+counters, scheduler state) become the record's non-tensor entries, never weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..errors import GrokpipeError
+from .restricted_pickle import StandIn, safe_pickle_load, safe_torch_load, stand_in
+from .sources import CheckpointSource, TensorEntry, inside, json_ready
+
+METADATA = ".metadata"
+MAX_METADATA_BYTES = 1 << 30
+ALLOWED = "torch.distributed.checkpoint's metadata classes, torch sizes, dtypes and layouts, paths"
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_METADATA_CLASSES = (
+    "Metadata",
+    "TensorStorageMetadata",
+    "BytesStorageMetadata",
+    "ChunkStorageMetadata",
+    "TensorProperties",
+    "MetadataIndex",
+    "StorageMeta",
+)
+
+
+def _layout(name):
+    if name not in ("torch.strided", "torch.sparse_coo"):
+        raise ValueError(f"unexpected layout {name!r}")
+    return name
+
+
+def _path(*parts):
+    return "/".join(str(p) for p in parts)
+
+
+def _allowlist() -> dict[tuple[str, str], object]:
+    allow: dict[tuple[str, str], object] = {(_METADATA_MODULE, name): stand_in(name) for name in _METADATA_CLASSES}
+    allow[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = stand_in("_StorageInfo")
+    allow[(_METADATA_MODULE, "_MEM_FORMAT_ENCODING")] = int  # an enum pickled as its value
+    allow[("torch.serialization", "_get_layout")] = _layout
+    allow[("torch", "Size")] = torch.Size
+    allow[("collections", "OrderedDict")] = dict
+    for name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"):
+        allow[("pathlib", name)] = _path
+    for name in dir(torch):
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            allow[("torch", name)] = getattr(torch, name)
+    return allow
+
+
+def _fields(obj, cls: str, what: str) -> dict:
+    if not isinstance(obj, StandIn) or type(obj).__name__ != cls:
+        raise GrokpipeError(f"{what} is a {type(obj).__name__}, not DCP's {cls}")
+    return obj.fields
+
+
+def _sizes(value, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and v >= 0 for v in value):
+        raise GrokpipeError(f"{what} is {value!r}, not a tuple of non-negative integers")
+    return tuple(value)
+
+
+def _tensor_dtype(properties, what: str) -> torch.dtype:
+    fields = _fields(properties, "TensorProperties", what)
+    dtype = fields["state"][0] if isinstance(fields.get("state"), tuple) else fields.get("dtype")
+    if not isinstance(dtype, torch.dtype):
+        raise GrokpipeError(f"{what} has no dtype")
+    return dtype
+
+
+def _check_tiling(name: str, shape: tuple[int, ...], chunks: list[tuple[tuple, tuple]], path: Path) -> None:
+    """Chunks lie inside the tensor, do not overlap, and cover it (their volumes add up to it)."""
+    for offsets, sizes in chunks:
+        if len(offsets) != len(shape) or len(sizes) != len(shape):
+            raise GrokpipeError(f"{path}: a chunk of {name!r} has {len(sizes)} dimensions, the tensor {len(shape)}")
+        if any(o + s > d for o, s, d in zip(offsets, sizes, shape)):
+            raise GrokpipeError(f"{path}: a chunk of {name!r} at {list(offsets)} reaches past its shape {list(shape)}")
+    for i, (a_off, a_size) in enumerate(chunks):
+        for b_off, b_size in chunks[i + 1 :]:
+            if all(a < b + bs and b < a + s for a, s, b, bs in zip(a_off, a_size, b_off, b_size)):
+                if math.prod(a_size) and math.prod(b_size):
+                    raise GrokpipeError(f"{path}: chunks of {name!r} at {list(a_off)} and {list(b_off)} overlap")
+    if sum(math.prod(sizes) for _, sizes in chunks) != math.prod(shape):
+        raise GrokpipeError(f"{path}: the chunks of {name!r} do not cover its shape {list(shape)} (a missing rank?)")
+
+
+def _read_item(root: Path, info: dict, what: str):
+    """The ``torch.save`` archive of one item, read from its place in a ``.distcp`` file."""
+    if info.get("transform_descriptors"):
+        raise GrokpipeError(f"{what} is stored with transforms {info['transform_descriptors']!r} (not supported)")
+    path = inside(root, info.get("relative_path"), f"{root / METADATA}: {what}")
+    offset, length = info.get("offset"), info.get("length")
+    if not all(isinstance(v, int) and v >= 0 for v in (offset, length)):
+        raise GrokpipeError(f"{root / METADATA}: {what} has offset {offset!r}, length {length!r}")
+    if offset + length > path.stat().st_size:
+        raise GrokpipeError(f"{path}: {what} lies at bytes {offset}-{offset + length}, past the end (truncated)")
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read(length)
+    return path, safe_torch_load(path, [], "tensors and containers", data=data)
+
+
+def dcp_source(root: Path) -> CheckpointSource:
+    metadata_path = root / METADATA
+    loaded = safe_pickle_load(metadata_path, _allowlist(), ALLOWED, MAX_METADATA_BYTES)
+    metadata = _fields(loaded, "Metadata", str(metadata_path))
+    entries = metadata.get("state_dict_metadata")
+    storage = metadata.get("storage_data")
+    if not isinstance(entries, dict) or not isinstance(storage, dict):
+        raise GrokpipeError(f"{metadata_path}: no state_dict_metadata/storage_data (not a DCP checkpoint?)")
+    places: dict[tuple[str, tuple | None], dict] = {}
+    for index, info in storage.items():
+        key = _fields(index, "MetadataIndex", f"{metadata_path}: a storage key")
+        offset = key.get("offset")
+        places[(key.get("fqn"), None if offset is None else tuple(offset))] = _fields(
+            info, "_StorageInfo", f"{metadata_path}: storage of {key.get('fqn')!r}"
+        )
+
+    tensors: dict[str, TensorEntry] = {}
+    chunks: dict[str, list[tuple[tuple, tuple, dict]]] = {}
+    byte_items: dict[str, dict] = {}
+    files: dict[Path, None] = {metadata_path: None}
+    for name, entry in entries.items():
+        what = f"{metadata_path}: entry {name!r}"
+        if not isinstance(name, str):
+            raise GrokpipeError(f"{metadata_path}: entry name {name!r} is not a string")
+        if isinstance(entry, StandIn) and type(entry).__name__ == "BytesStorageMetadata":
+            if (name, None) not in places:
+                raise GrokpipeError(f"{what} has no storage entry")
+            byte_items[name] = places[(name, None)]
+            files[inside(root, byte_items[name].get("relative_path"), what)] = None
+            continue
+        fields = _fields(entry, "TensorStorageMetadata", what)
+        shape = _sizes(fields.get("size"), f"{what} size")
+        parts = []
+        for chunk in fields.get("chunks") or []:
+            chunk = _fields(chunk, "ChunkStorageMetadata", what)
+            offsets = _sizes(chunk.get("offsets"), f"{what} offsets")
+            sizes = _sizes(chunk.get("sizes"), f"{what} sizes")
+            if (name, offsets) not in places:
+                raise GrokpipeError(f"{what}: the chunk at {list(offsets)} has no storage entry")
+            parts.append((offsets, sizes, places[(name, offsets)]))
+        _check_tiling(name, shape, [(o, s) for o, s, _ in parts], metadata_path)
+        for _, _, info in parts:
+            files[inside(root, info.get("relative_path"), what)] = None
+        first = inside(root, parts[0][2].get("relative_path"), what) if parts else metadata_path
+        tensors[name] = TensorEntry(name, _tensor_dtype(fields.get("properties"), what), shape, first)
+        chunks[name] = parts
+
+    extras = {}
+    for name, info in byte_items.items():
+        _, value = _read_item(root, info, f"entry {name!r}")
+        extras[name] = json_ready(value)
+
+    def read() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, entry in tensors.items():
+            full = torch.empty(entry.shape, dtype=entry.dtype)
+            for offsets, sizes, info in chunks[name]:
+                path, part = _read_item(root, info, f"a chunk of {name!r}")
+                if not torch.is_tensor(part) or part.dtype != entry.dtype or tuple(part.shape) != sizes:
+                    got = f"{part.dtype} {list(part.shape)}" if torch.is_tensor(part) else type(part).__name__
+                    raise GrokpipeError(
+                        f"{path}: the chunk of {name!r} at {list(offsets)} is {got}, the metadata says "
+                        f"{entry.dtype} {list(sizes)} (ranks disagree)"
+                    )
+                full[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] = part
+                del part
+            yield name, full
+
+    details = {"ranks": sorted(p.name for p in files if p.suffix == ".distcp")}
+    return CheckpointSource("torch-dcp", root, list(files), tensors, read, extras=extras, details=details)

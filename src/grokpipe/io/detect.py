@@ -1,0 +1,71 @@
+"""Which trainer wrote a checkpoint directory, told by its content, and the checkpoints of a run.
+
+Order of precedence, for a directory that holds several: DeepSpeed ZeRO (``latest`` or ZeRO
+optimizer states; its fp32 master weights are the most precise copy), torch.distributed.checkpoint
+(``.metadata``), then Hugging Face as its loaders do: ``model.safetensors``, its index,
+``pytorch_model.bin``, its index. A single model file is read as what its bytes are (a zip archive
+is a ``torch.save`` pickle, anything else must parse as safetensors), whatever its name says.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import zipfile
+from pathlib import Path
+
+from ..errors import GrokpipeError
+from . import hf
+from .dcp import METADATA, dcp_source
+from .deepspeed import _OPTIM_RE, deepspeed_source
+from .sources import CheckpointSource
+
+CHECKPOINT_DIR_RE = re.compile(r"^(?:checkpoint-|global_step)(\d+)$")
+
+
+def _is_deepspeed(root: Path) -> bool:
+    return (root / "latest").is_file() or any(_OPTIM_RE.match(p.name) for p in root.iterdir())
+
+
+def detect(root: str | Path) -> CheckpointSource:
+    """The checkpoint in directory ``root``, described (headers and indexes read and checked)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise GrokpipeError(f"{root}: not a checkpoint directory")
+    if _is_deepspeed(root):
+        return deepspeed_source(root)
+    if (root / METADATA).is_file():
+        return dcp_source(root)
+    for name in (hf.SINGLE_SAFETENSORS, hf.SINGLE_BIN):
+        if (root / name).exists():
+            pickled = zipfile.is_zipfile(root / name)
+            return hf.bin_source(root, None, name) if pickled else hf.safetensors_source(root, None, name)
+    if (root / hf.SAFETENSORS_INDEX).is_file():
+        return hf.safetensors_source(root, root / hf.SAFETENSORS_INDEX)
+    if (root / hf.BIN_INDEX).is_file():
+        return hf.bin_source(root, root / hf.BIN_INDEX)
+    raise GrokpipeError(
+        f"{root}: no checkpoint found (looked for DeepSpeed 'latest'/ZeRO states, DCP '.metadata', "
+        f"{hf.SINGLE_SAFETENSORS}, {hf.SAFETENSORS_INDEX}, {hf.SINGLE_BIN}, {hf.BIN_INDEX})"
+    )
+
+
+def checkpoint_dirs(run_dir: str | Path, pattern: str | None = None) -> list[tuple[int, Path]]:
+    """``(step, directory)`` of every ``checkpoint-N`` / ``global_stepN`` directly under ``run_dir``
+    whose name matches the glob ``pattern``, by step."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise GrokpipeError(f"{run_dir}: not a directory")
+    found = []
+    for entry in run_dir.iterdir():
+        match = CHECKPOINT_DIR_RE.match(entry.name)
+        if match and entry.is_dir() and (pattern is None or fnmatch.fnmatch(entry.name, pattern)):
+            found.append((int(match.group(1)), entry))
+    steps = [step for step, _ in found]
+    if len(set(steps)) != len(steps):
+        duplicate = next(s for s in steps if steps.count(s) > 1)
+        raise GrokpipeError(f"{run_dir}: step {duplicate} has both checkpoint-{duplicate} and global_step{duplicate}")
+    if not found:
+        what = f" matching {pattern!r}" if pattern else ""
+        raise GrokpipeError(f"{run_dir}: no checkpoint-N or global_stepN directories{what}")
+    return sorted(found)
