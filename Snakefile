@@ -17,6 +17,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/convert.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/progress.smk"
+include: "workflow/rules/consolidate.smk"
 
 
 rule all:

@@ -116,6 +116,29 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_consolidate(args) -> int:
+    import gc
+
+    from .consolidate import consolidate, consolidate_all
+
+    # Readers collect garbage after each shard (torch.load's cycles hold memory maps); freezing what
+    # the imports made keeps those collections from rescanning a million long-lived objects.
+    gc.freeze()
+
+    if args.filter is not None and not args.all_checkpoints:
+        raise GrokpipeError("--filter selects checkpoints of --all-checkpoints; pass both")
+    options = dict(dtype=args.dtype, dry_run=args.dry_run, force=args.force)
+    if args.all_checkpoints:
+        progress = not args.no_progress
+        result = consolidate_all(args.input, args.out_dir, pattern=args.filter, progress=progress, **options)
+    else:
+        result = consolidate(args.input, args.out_dir, **options)
+    if args.dry_run:
+        print(result)
+        print("dry run: nothing was written")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from .atomic import write_json_atomic
     from .layout import RunLayout
@@ -270,6 +293,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grokking-threshold", type=positive_float, default=0.01)
     p.add_argument("--force", action="store_true", help="replace a run that already exists at run_dir")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "consolidate",
+        help="another trainer's checkpoint (HF sharded, DCP/FSDP, DeepSpeed ZeRO) into one model.safetensors",
+        description="Consolidate a checkpoint directory into OUT_DIR/model.safetensors (+ consolidation.json, "
+        "config.json when present). Formats, detected by content: Hugging Face sharded safetensors or .bin with "
+        "their index, a single model.safetensors or pytorch_model.bin, torch.distributed.checkpoint (FSDP), "
+        "DeepSpeed ZeRO 1/2/3 (fp32 master weights, without DeepSpeed). Pickled inputs are read only through "
+        "grokpipe's restricted loader; trainer extras (optimizer.pt, rng_state.pth, training_args.bin, "
+        "scheduler.pt) are never opened. There is no pickle (.bin) output: safetensors only.",
+    )
+    p.add_argument("input", help="checkpoint directory (with --all-checkpoints: the run directory holding them)")
+    p.add_argument("out_dir", help="output directory (with --all-checkpoints: one {name}_step_{N}/ per checkpoint)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast floating tensors (default: keep)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be read and written; write nothing")
+    p.add_argument("--all-checkpoints", action="store_true", help="every checkpoint-N / global_stepN under INPUT")
+    p.add_argument("--filter", help="with --all-checkpoints: only checkpoint directories matching this glob")
+    p.add_argument("--force", action="store_true", help="replace existing output directories")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("verify", help="check that a run directory loads and is consistent")
     p.add_argument("run_dir")

@@ -79,7 +79,7 @@ def describe(source: CheckpointSource, out_dir: Path, dtype: str | None) -> str:
     return "\n".join(lines)
 
 
-def _record(source: CheckpointSource, dtype: str | None, hashes: dict[Path, str], model_sha: str, model_bytes: int):
+def _record(source: CheckpointSource, dtype: str | None, hashes: dict[Path, str], model_bytes: int):
     """consolidation.json: where the weights came from and what was done to them."""
     cast = _cast(dtype)
     files = [
@@ -90,7 +90,7 @@ def _record(source: CheckpointSource, dtype: str | None, hashes: dict[Path, str]
         "grokpipe_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": {"format": source.format, "path": str(source.root.resolve()), **source.details, "files": files},
-        "output": {"file": MODEL_FILE, "bytes": model_bytes, "sha256": model_sha},
+        "output": {"file": MODEL_FILE, "bytes": model_bytes, "verified": "every tensor read back and compared"},
         "dtype": dtype or "as the source",
         "tensor_count": len(source.tensors),
         "tensor_bytes": _output_bytes(source, cast),
@@ -112,30 +112,32 @@ def _write(source: CheckpointSource, directory: Path, dtype: str | None) -> dict
     cast = _cast(dtype)
     metadata = consolidated_header(source.format, str(source.root.resolve()), dtype or "as the source")
     model = directory / MODEL_FILE
-    with ThreadPoolExecutor(max_workers=1) as pool:  # hashing runs beside the copy (hashlib frees the GIL)
+    # The sources are hashed on a second thread beside the copy and the read-back (hashlib frees
+    # the GIL). The output is not hashed: the read-back already compares every byte of it.
+    with ThreadPoolExecutor(max_workers=1) as pool:
         pending = {path: pool.submit(sha256_file, path) for path in source.files}
-        model_sha = write_streaming(model, source.tensors, source.read, cast, metadata)
+        write_streaming(model, source.tensors, source.read, cast, metadata, raw=source.raw)
         verify_streamed(model, source.tensors, source.read, cast)
         hashes = {path: future.result() for path, future in pending.items()}
     if source.config is not None:
         shutil.copyfile(source.config, directory / CONFIG_FILE)
-    record = _record(source, dtype, hashes, model_sha, model.stat().st_size)
+    record = _record(source, dtype, hashes, model.stat().st_size)
     write_json_atomic(directory / RECORD_FILE, record)
     return record
 
 
 def _write_into_place(source: CheckpointSource, out_dir: Path, dtype: str | None, force: bool) -> dict:
-    with writer_lock(out_dir, "consolidate"):
-        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-            raise GrokpipeError(f"{out_dir}: already exists; pass --force to replace it (nothing was written)")
-        remove_stale_staging(out_dir, STAGING_MARKERS)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = make_unique_dir(out_dir.parent, f".{out_dir.name}.consolidating-")
-        try:
-            record = _write(source, staging, dtype)
-            replace_directory(staging, out_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    """Stage, write and rename one consolidated checkpoint (the caller holds the writer lock)."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise GrokpipeError(f"{out_dir}: already exists; pass --force to replace it (nothing was written)")
+    remove_stale_staging(out_dir, STAGING_MARKERS)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_unique_dir(out_dir.parent, f".{out_dir.name}.consolidating-")
+    try:
+        record = _write(source, staging, dtype)
+        replace_directory(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     log.info("consolidated %s (%s, %d tensors) -> %s", source.root, source.format, len(source.tensors), out_dir)
     return record
 
@@ -147,7 +149,8 @@ def consolidate(input_dir, out_dir, dtype: str | None = None, dry_run: bool = Fa
     source = detect(Path(input_dir))
     if dry_run:
         return describe(source, Path(out_dir), dtype)
-    return _write_into_place(source, Path(out_dir), dtype, force)
+    with writer_lock(out_dir, "consolidate"):
+        return _write_into_place(source, Path(out_dir), dtype, force)
 
 
 def consolidate_all(run_dir, out_dir, dtype=None, pattern=None, dry_run=False, force=False, progress=True):
@@ -165,7 +168,6 @@ def consolidate_all(run_dir, out_dir, dtype=None, pattern=None, dry_run=False, f
             raise GrokpipeError(f"{existing[0]}: already exists; pass --force to replace it (nothing was written)")
     from tqdm import tqdm
 
-    records = []
-    for source, target in tqdm(plans, desc="consolidating", unit="checkpoint", disable=not progress):
-        records.append(_write_into_place(source, target, dtype, force))
-    return records
+    with writer_lock(out_dir, "consolidate"):  # one lock, beside OUT_DIR, for all of it
+        bar = tqdm(plans, desc="consolidating", unit="checkpoint", disable=not progress)
+        return [_write_into_place(source, target, dtype, force) for source, target in bar]

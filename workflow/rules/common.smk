@@ -13,6 +13,7 @@ from grokpipe.config import (
     progress_unsupported_reason,
 )
 from grokpipe.errors import GrokpipeError
+from grokpipe.io.detect import holds_checkpoint_dirs
 from grokpipe.layout import RUN_DIR_RE
 from grokpipe.workflow import (
     threads_per_run,
@@ -31,6 +32,8 @@ except (WorkflowError, ConfigError) as exc:
 RESULTS = config["results_dir"]
 RUN = f"{RESULTS}/{{model_name}}/{{model_name}}_p{{prime}}_seed{{seed}}"
 LEGACY = config["legacy_dir"]
+IMPORTS = config["imports_dir"]
+CONSOLIDATED = config["consolidated_dir"]
 
 # Jobs call the `grokpipe` CLI of the environment running Snakemake (see the function's docstring).
 use_this_interpreter_for_jobs()
@@ -41,6 +44,7 @@ wildcard_constraints:
     model_name=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
     prime=r"\d+",
     seed=r"\d+",
+    name=r"[^/]+",
 
 
 def run_dir(wildcards):
@@ -131,11 +135,35 @@ def run_dirs_of(wildcards, input):
     return [os.path.dirname(path) for path in input if path.endswith("metadata.json")]
 
 
+@functools.cache
+def imports():
+    """Names of the checkpoint directories placed under imports_dir."""
+    if not os.path.isdir(IMPORTS):
+        return []
+    return sorted(
+        entry.name
+        for entry in os.scandir(IMPORTS)
+        if entry.is_dir() and not entry.name.startswith(".")
+    )
+
+
+def consolidate_mode(wildcards, input):
+    """--all-checkpoints for a run directory of checkpoint-N/global_stepN directories."""
+    return "--all-checkpoints" if holds_checkpoint_dirs(input[0]) else ""
+
+
+def consolidate_dtype_flag():
+    dtype = config.get("consolidate_dtype")
+    return f"--dtype {dtype}" if dtype else ""
+
+
 def final_targets():
-    """Per run: metadata, verification, loss curves, progress measures; per model: the grid summary."""
+    """Per run: metadata, verification, loss curves, progress measures; per model: the grid summary;
+    per imported checkpoint: its consolidation."""
     per_run = [path for run in runs() for path in run_outputs(run)]
     per_model = [
         f"{RESULTS}/{model_name}/summary.csv"
         for model_name in sorted({run[0] for run in runs()})
     ]
-    return per_run + per_model
+    per_import = [f"{CONSOLIDATED}/{name}" for name in imports()]
+    return per_run + per_model + per_import

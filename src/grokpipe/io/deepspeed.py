@@ -23,6 +23,7 @@ near one rank's partition rather than the model's size.
 
 from __future__ import annotations
 
+import gc
 import math
 import re
 from collections.abc import Iterator
@@ -131,6 +132,7 @@ class _Ranks:
         if self.read_bytes > REMAP_BYTES:  # touched pages of the mapping count as memory: let them go
             self.loaded.clear()
             self.read_bytes = 0
+            gc.collect()  # torch.load's reference cycles hold the mappings until collected
 
 
 def deepspeed_source(root: Path) -> CheckpointSource:
@@ -173,6 +175,8 @@ def deepspeed_source(root: Path) -> CheckpointSource:
         groups = _flat_groups(path, _load(path).get("optimizer_state_dict") or {}, key)
         sizes.append([g.numel() for g in groups])
         dtypes |= {g.dtype for g in groups}
+        del groups
+        gc.collect()
     if len(dtypes) != 1 or any(len(s) != len(sizes[0]) for s in sizes):
         raise GrokpipeError(
             f"{directory}: the ranks' fp32 groups disagree in number or dtype ({sorted(map(str, dtypes))})"

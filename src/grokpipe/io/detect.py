@@ -50,6 +50,15 @@ def detect(root: str | Path) -> CheckpointSource:
     )
 
 
+def holds_checkpoint_dirs(path: str | Path) -> bool:
+    """Whether ``path`` is a run directory of ``checkpoint-N``/``global_stepN`` directories (and
+    not itself one checkpoint): what ``--all-checkpoints`` consolidates."""
+    path = Path(path)
+    if not path.is_dir() or CHECKPOINT_DIR_RE.match(path.name):
+        return False
+    return any(CHECKPOINT_DIR_RE.match(entry.name) and entry.is_dir() for entry in path.iterdir())
+
+
 def checkpoint_dirs(run_dir: str | Path, pattern: str | None = None) -> list[tuple[int, Path]]:
     """``(step, directory)`` of every ``checkpoint-N`` / ``global_stepN`` directly under ``run_dir``
     whose name matches the glob ``pattern``, by step."""

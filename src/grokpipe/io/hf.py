@@ -10,6 +10,7 @@ shard at a time. Trainer extras beside them (``optimizer.pt``, ``rng_state.pth``
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +74,7 @@ def _check_shard_names(index_path: Path | None, shard: Path, listed: list[str], 
 def safetensors_source(root: Path, index_path: Path | None, single: str = SINGLE_SAFETENSORS) -> CheckpointSource:
     shards = _shards(root, index_path) if index_path else {inside(root, single, str(root)): []}
     tensors: dict[str, TensorEntry] = {}
+    raw: dict[str, tuple[Path, int, int]] = {}
     seen: dict[str, Path] = {}
     for shard, listed in shards.items():
         try:
@@ -86,6 +88,8 @@ def safetensors_source(root: Path, index_path: Path | None, single: str = SINGLE
             if info.dtype not in SAFETENSORS_DTYPES:
                 raise GrokpipeError(f"{shard}: tensor {name!r} has dtype {info.dtype}, which torch cannot hold")
             tensors[name] = TensorEntry(name, SAFETENSORS_DTYPES[info.dtype], info.shape, shard)
+            data_start = 8 + header.header_bytes
+            raw[name] = (shard, data_start + info.offsets[0], data_start + info.offsets[1])
 
     def read() -> Iterator[tuple[str, torch.Tensor]]:
         for shard in shards:
@@ -99,7 +103,7 @@ def safetensors_source(root: Path, index_path: Path | None, single: str = SINGLE
 
     files = ([index_path] if index_path else []) + list(shards)
     kind = "hf-sharded-safetensors" if index_path else "safetensors"
-    return CheckpointSource(kind, root, files, tensors, read, config=_config(root))
+    return CheckpointSource(kind, root, files, tensors, read, config=_config(root), raw=raw)
 
 
 def _load_bin(shard: Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
@@ -130,6 +134,9 @@ def bin_source(root: Path, index_path: Path | None, single: str = SINGLE_BIN) ->
             held, _ = _load_bin(shard)
             for name in list(held):
                 yield name, held.pop(name)  # tensors sharing storage are yielded (and written) each
+            # torch.load leaves reference cycles that keep the shard's memory map (and the pages
+            # read from it) alive until the cycle collector runs: collect before the next shard.
+            gc.collect()
 
     files = ([index_path] if index_path else []) + list(shards)
     kind = "hf-sharded-bin" if index_path else "pytorch-bin"

@@ -31,8 +31,13 @@ class StandIn:
     """An inert stand-in for a pickled class: keeps the pickled fields as a plain dict (or, for
     classes that pickle a tuple state, the tuple under ``"state"``). Nothing of the real class runs."""
 
+    def __new__(cls, *args, **kwargs):  # pickle's NEWOBJ calls only __new__; BUILD may never follow
+        obj = super().__new__(cls)
+        obj.fields = {}
+        return obj
+
     def __init__(self, *args, **kwargs):
-        self.fields = {}
+        pass
 
     def __setstate__(self, state):
         # Pickle's BUILD hands over the instance __dict__ (possibly with a slot-state tuple).

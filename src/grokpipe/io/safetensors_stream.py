@@ -3,13 +3,14 @@
 ``safetensors.torch.save_file`` needs every tensor in memory at once; a consolidated model can be
 larger than memory. The format allows streaming: the header (names, dtypes, shapes, byte offsets)
 depends only on shapes and dtypes, so it is written first and each tensor's bytes follow as it
-arrives. The file is written to a temporary name, fsynced, renamed, and then read back with the
-safetensors library and compared, bit for bit, with a second pass over the source.
+arrives (bytes a source stores raw, as safetensors shards do, are copied kernel-side). The file is
+written to a temporary name, fsynced, renamed, and then read back with the safetensors library and
+compared, bit for bit, with a second pass over the source.
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import os
 import struct
@@ -68,23 +69,64 @@ def _in_order(entries: dict[str, TensorEntry], tensors: Iterator[tuple[str, torc
         raise GrokpipeError(f"{missing[1].file}: tensor {missing[0]!r} was described but never read")
 
 
+def _copy_range(source: Path, begin: int, end: int, out_fd: int) -> None:
+    """Append bytes ``[begin, end)`` of ``source`` to ``out_fd``: kernel-side (copy_file_range)
+    where the file systems allow it, else through a buffer."""
+    with open(source, "rb") as fh:
+        position = begin
+        try:
+            while position < end:
+                copied = os.copy_file_range(fh.fileno(), out_fd, end - position, position)
+                if copied == 0:
+                    raise GrokpipeError(f"{source}: ends before byte {end} (truncated while being read?)")
+                position += copied
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            while position < end:
+                block = os.pread(fh.fileno(), min(end - position, 16 << 20), position)
+                if not block:
+                    raise GrokpipeError(f"{source}: ends before byte {end} (truncated while being read?)") from None
+                os.write(out_fd, block)
+                position += len(block)
+
+
+def _raw_runs(entries: dict[str, TensorEntry], raw: dict[str, tuple[Path, int, int]]):
+    """The entries' raw byte ranges in order, adjacent ranges of one file merged."""
+    runs: list[list] = []
+    for name in entries:
+        path, begin, end = raw[name]
+        if runs and runs[-1][0] == path and runs[-1][2] == begin:
+            runs[-1][2] = end
+        else:
+            runs.append([path, begin, end])
+    return runs
+
+
 def write_streaming(
-    path: Path, entries: dict[str, TensorEntry], tensors: Tensors, cast: torch.dtype | None, metadata: dict[str, str]
-) -> str:
-    """Write ``entries`` (bytes from ``tensors()``) to ``path`` crash-safely; returns its sha256."""
-    digest = hashlib.sha256()
+    path: Path,
+    entries: dict[str, TensorEntry],
+    tensors: Tensors,
+    cast: torch.dtype | None,
+    metadata: dict[str, str],
+    raw: dict[str, tuple[Path, int, int]] | None = None,
+) -> None:
+    """Write ``entries`` (bytes from ``tensors()``, or copied from ``raw`` ranges when nothing is
+    cast) to ``path`` crash-safely."""
+    copy_raw = raw is not None and all(output_dtype(e, cast) == e.dtype for e in entries.values())
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
-            head = header_bytes(entries, cast, metadata)
-            fh.write(head)
-            digest.update(head)
-            for name, tensor, entry in _in_order(entries, tensors()):
-                data = _converted(name, tensor, entry, cast).reshape(-1).view(torch.uint8).numpy()
-                fh.write(data)
-                digest.update(data)
-                del tensor, data
+            fh.write(header_bytes(entries, cast, metadata))
+            fh.flush()
+            if copy_raw:
+                for source, begin, end in _raw_runs(entries, raw):
+                    _copy_range(source, begin, end, fh.fileno())
+            else:
+                for name, tensor, entry in _in_order(entries, tensors()):
+                    fh.write(_converted(name, tensor, entry, cast).reshape(-1).view(torch.uint8).numpy())
+                    del tensor
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -95,18 +137,30 @@ def write_streaming(
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-    return digest.hexdigest()
+
+
+REOPEN_BYTES = 64 << 20
 
 
 def verify_streamed(path: Path, entries: dict[str, TensorEntry], tensors: Tensors, cast: torch.dtype | None) -> None:
     """Read ``path`` back with the safetensors library and compare every tensor, bit for bit, with
-    the source read again."""
+    the source read again. The file is reopened every ``REOPEN_BYTES``: pages of its memory map
+    that were read count as the process's memory until it is closed."""
+    handle, opened_bytes = None, 0
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            if set(fh.keys()) != set(entries):
-                raise GrokpipeError(f"{path}: read back, it holds other tensor names than were written")
-            for name, tensor, entry in _in_order(entries, tensors()):
-                if not same_bits(fh.get_tensor(name), _converted(name, tensor, entry, cast)):
-                    raise GrokpipeError(f"{path}: read back, tensor {name!r} differs from the source")
+        for name, tensor, entry in _in_order(entries, tensors()):
+            if handle is None or opened_bytes > REOPEN_BYTES:
+                if handle is not None:
+                    handle.__exit__(None, None, None)
+                handle, opened_bytes = safe_open(str(path), framework="pt", device="cpu").__enter__(), 0
+                if set(handle.keys()) != set(entries):
+                    raise GrokpipeError(f"{path}: read back, it holds other tensor names than were written")
+            expected = _converted(name, tensor, entry, cast)
+            if not same_bits(handle.get_tensor(name), expected):
+                raise GrokpipeError(f"{path}: read back, tensor {name!r} differs from the source")
+            opened_bytes += expected.numel() * expected.element_size()
     except (SafetensorError, OSError) as exc:
         raise GrokpipeError(f"{path}: read back, not a readable safetensors file ({exc})") from None
+    finally:
+        if handle is not None:
+            handle.__exit__(None, None, None)

@@ -44,6 +44,9 @@ class CheckpointSource:
     extras: dict[str, object] = field(default_factory=dict)
     config: Path | None = None
     details: dict[str, object] = field(default_factory=dict)
+    # name -> (file, begin, end): where a tensor's exact bytes lie, when the source stores them raw
+    # (safetensors shards); lets the writer copy them kernel-side instead of through memory.
+    raw: dict[str, tuple[Path, int, int]] | None = None
 
     @property
     def nbytes(self) -> int:
