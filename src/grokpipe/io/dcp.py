@@ -114,7 +114,7 @@ def _read_item(root: Path, info: dict, what: str):
 
 
 def dcp_source(root: Path) -> CheckpointSource:
-    metadata_path = root / METADATA
+    metadata_path = inside(root, METADATA, str(root))
     loaded = safe_pickle_load(metadata_path, _allowlist(), ALLOWED, MAX_METADATA_BYTES)
     metadata = _fields(loaded, "Metadata", str(metadata_path))
     entries = metadata.get("state_dict_metadata")
