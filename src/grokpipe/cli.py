@@ -175,10 +175,24 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .inspect_run import format_listing, list_runs
+    from .export import list_exports
+    from .inspect_run import format_exports, format_listing, list_runs
 
+    exports = list_exports(args.results_dir) if Path(args.results_dir).is_dir() else []
+    if exports:  # a models/ directory of exports
+        print(json.dumps(exports, indent=2) if args.json else format_exports(exports))
+        return 0
     rows = list_runs(args.results_dir)
     print(json.dumps(rows, indent=2) if args.json else format_listing(rows))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    which = "grokked" if args.grokked else "epoch" if args.epoch is not None else "final"
+    target = export(args.run_dir, args.out, which, args.epoch, args.version, args.force)
+    print(target)
     return 0
 
 
@@ -332,7 +346,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("list", help="every run in a results tree, with its state and grokking epoch")
+    p = sub.add_parser(
+        "export",
+        help="one epoch of a run as a standalone model directory models/{arch}-{size}-{dataset}-{type}-{version}/",
+        description="Write model.safetensors, config.json, tokenizer.json, export_meta.json, loss_curve.png and a "
+        "README.md model card for one epoch of RUN_DIR into OUT/{architecture}-{size}-{dataset}-{training_type}-"
+        "{version}/, e.g. models/tl1l-227K-modadd113-grok-s999-e24999 (see grokpipe.export for the rule).",
+    )
+    p.add_argument("run_dir")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--epoch", type=non_negative_int, help="a checkpoint epoch")
+    which.add_argument("--grokked", action="store_true", help="the first checkpoint at or after the grokking epoch")
+    which.add_argument("--final", action="store_true", help="the final model (the default)")
+    p.add_argument("--out", default="models", help="parent directory of the export (default: models)")
+    p.add_argument("--version", help="appended to the name's version part (letters, digits, '.', '_')")
+    p.add_argument("--force", action="store_true", help="replace an existing export of the same name")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("list", help="every run in a results tree (or every export in a models/ directory)")
     p.add_argument("results_dir", nargs="?", default="results")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_list)

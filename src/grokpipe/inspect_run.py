@@ -145,8 +145,34 @@ def inspect_legacy(path: Path) -> dict:
     }
 
 
+def inspect_export(path: Path) -> dict:
+    """A ``grokpipe export`` directory: its name parts, source, epoch, losses and model file."""
+    from .export import EXPORT_META, MODEL_FILE, verify_export
+
+    meta = _json(path / EXPORT_META) or {}
+    return {
+        "format": "grokpipe export (model directory)",
+        "path": str(path),
+        "name": meta.get("name"),
+        "name_parts": meta.get("name_parts"),
+        "source": (meta.get("source") or {}).get("run"),
+        "epoch": meta.get("epoch"),
+        "which": meta.get("which"),
+        "parameters": meta.get("parameters"),
+        "losses": meta.get("losses"),
+        "grokking_epoch": meta.get("grokking_epoch"),
+        "state": "ok" if not (problems := verify_export(path)) else "damaged",
+        "problems": problems,
+        "final_model": _file_summary(path / MODEL_FILE),
+    }
+
+
 def inspect_path(path: str | Path) -> dict:
+    from .export import is_export
+
     path = Path(path)
+    if path.is_dir() and is_export(path):
+        return inspect_export(path)
     if path.is_dir():
         return inspect_run(path)
     if not path.exists():
@@ -191,6 +217,11 @@ def format_inspection(info: dict) -> str:
     lines = [f"=== {info['format']} ===", f"path: {info['path']}"]
     for key in (
         "state",
+        "name",
+        "epoch",
+        "which",
+        "parameters",
+        "losses",
         "diverged_at_epoch",
         "source",
         "model_name",
@@ -205,9 +236,10 @@ def format_inspection(info: dict) -> str:
     ):
         if info.get(key) is not None:
             lines.append(f"{key}: {info[key]}")
-    if info.get("verification_problems"):
+    problems = info.get("verification_problems") or info.get("problems")
+    if problems:
         lines.append("verification problems:")
-        lines += [f"  {problem}" for problem in info["verification_problems"]]
+        lines += [f"  {problem}" for problem in problems]
     if info.get("training"):
         lines.append("training: " + ", ".join(f"{k}={v}" for k, v in info["training"].items()))
     if info.get("config"):
@@ -237,4 +269,13 @@ def format_listing(rows: list[dict]) -> str:
         lines.append(
             f"{r['model_name']:<16} {r['prime']:>5} {r['seed']:>5} {epochs:>13} {grok:>10} {loss:>10}  {r['state']}"
         )
+    return "\n".join(lines)
+
+
+def format_exports(rows: list[dict]) -> str:
+    header = f"{'name':<44} {'epoch':>7} {'which':>8} {'test loss':>10}  source run"
+    lines = [header]
+    for r in rows:
+        loss = "-" if r["test_loss"] is None else f"{r['test_loss']:.3g}"
+        lines.append(f"{r['name']:<44} {r['epoch']:>7} {r['which']:>8} {loss:>10}  {r['source_run']}")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from .layout import RunLayout
 from .safetensors_io import read_metadata, read_tensors
 
 LEGACY_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle")
+EXPORT_META = "export_meta.json"
 
 
 def _is_legacy(path: Path) -> bool:
@@ -63,7 +64,9 @@ def _layout(run_dir: str | Path) -> RunLayout:
 
 def _resolve(path: str | Path, epoch: int | None) -> Path:
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and (path / EXPORT_META).is_file():  # a `grokpipe export` directory
+        path = path / "model.safetensors"
+    elif path.is_dir():
         return checkpoint_path(path, epoch)
     if not path.exists():
         raise GrokpipeError(f"{path}: no such file or run directory")
@@ -101,8 +104,9 @@ def hooked_config_dict(path: str | Path, epoch: int | None = None) -> dict:
 def load_model(path: str | Path, epoch: int | None = None, device: str = "cpu"):
     """A HookedTransformer holding the weights of ``epoch`` (``None``: the final model).
 
-    ``path`` is a run directory, a single ``.safetensors`` file, or a legacy pickle (read through the
-    restricted loader; converting it with ``grokpipe convert`` is recommended). The load is strict.
+    ``path`` is a run directory, a ``grokpipe export`` directory, a single ``.safetensors`` file, or a
+    legacy pickle (read through the restricted loader; converting it with ``grokpipe convert`` is
+    recommended). The load is strict.
     """
     from .model import loaded_model
 

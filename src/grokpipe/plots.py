@@ -28,8 +28,8 @@ def _save(fig, *paths: Path) -> None:
     plt.close(fig)
 
 
-def plot_run(metadata: dict, *paths: Path) -> None:
-    """Train and test loss (log scale) of one run, the grokking epoch marked."""
+def plot_run(metadata: dict, *paths: Path, mark_epoch: int | None = None) -> None:
+    """Train and test loss (log scale) of one run, the grokking epoch (and ``mark_epoch``) marked."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("train_losses", "train"), ("test_losses", "test")):
         ax.plot(*_series(metadata[key]), label=label, linewidth=1)
@@ -42,6 +42,8 @@ def plot_run(metadata: dict, *paths: Path) -> None:
             linewidth=1,
             label=f"grokking epoch {grok} (test loss < {metadata.get('grokking_threshold')})",
         )
+    if mark_epoch is not None:
+        ax.axvline(mark_epoch, color="tab:red", linewidth=1, label=f"exported epoch {mark_epoch}")
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")

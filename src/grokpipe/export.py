@@ -1,0 +1,336 @@
+"""``grokpipe export``: one epoch of a run as a standalone, self-describing model directory.
+
+Directory name (the ``models/`` convention: ``{architecture}-{size}-{dataset}-{training_type}-{version}``)::
+
+    tl1l-227K-modadd113-grok-s999-e24999[-v1]
+
+- architecture: ``tl{n_layers}l``, a TransformerLens transformer of that many layers (``tl{n}lattn``
+  when attention-only);
+- size: the parameter count (every parameter, frozen biases included; buffers not): below 1,000 as
+  is, then ``{n/1e3}K``, ``{n/1e6}M``, ``{n/1e9}B``, three significant digits at most (227313 -> 227K,
+  1834000 -> 1.83M);
+- dataset: ``modadd{p}`` (a + b mod p);
+- training_type: ``grok`` (trained on the grokking task, or converted from the demo's pickle);
+- version: ``s{seed}-e{epoch}``, then ``-{--version}`` when given: it names the run and the epoch.
+
+:func:`parse_export_name` reads a name back into these parts. The directory holds
+``model.safetensors`` (the epoch's weights, the run's provenance in the header), ``config.json``,
+``tokenizer.json`` (a Hugging Face ``tokenizers`` word-level vocabulary: ``0``..``p-1`` and ``=``),
+``export_meta.json`` (source, epoch, hashes, losses, versions), ``loss_curve.png`` and a ``README.md``
+model card. It is built in a staging directory beside it and renamed into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ._version import __version__
+from .atomic import (
+    make_unique_dir,
+    remove_stale_staging,
+    replace_directory,
+    sha256_file,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from .errors import GrokpipeError
+from .layout import RunLayout
+from .loading import EXPORT_META, load_config, load_metadata
+from .safetensors_io import read_metadata, read_tensors, write_model_file
+from .writer_lock import writer_lock
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+BUFFER_SUFFIXES = (".mask", ".IGNORE", "rotary_sin", "rotary_cos")  # HookedTransformer's buffers
+STAGING_MARKERS = (".exporting-", ".replaced-")
+_NAME_RE = re.compile(
+    r"^(?P<architecture>tl\d+l(?:attn)?)-(?P<size>\d+(?:\.\d+)?[KMB]?)-(?P<dataset>modadd\d+)-"
+    r"(?P<training_type>[a-z]+)-(?P<version>s\d+-e\d+(?:-[A-Za-z0-9][A-Za-z0-9._]*)?)$"
+)
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._]*$")
+
+
+@dataclass(frozen=True)
+class ExportName:
+    architecture: str
+    size: str
+    dataset: str
+    training_type: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.architecture}-{self.size}-{self.dataset}-{self.training_type}-{self.version}"
+
+    @property
+    def prime(self) -> int:
+        return int(self.dataset.removeprefix("modadd"))
+
+    @property
+    def seed(self) -> int:
+        return int(self.version.split("-")[0][1:])
+
+    @property
+    def epoch(self) -> int:
+        return int(self.version.split("-")[1][1:])
+
+
+def parse_export_name(name: str) -> ExportName:
+    """The parts of an export directory name; a name that does not follow the rule is an error."""
+    match = _NAME_RE.match(name)
+    if not match:
+        rule = "{architecture}-{size}-{dataset}-{training_type}-{version}"
+        raise GrokpipeError(f"{name!r} is not an export name ({rule}, e.g. tl1l-227K-modadd113-grok-s999-e24999)")
+    return ExportName(**match.groupdict())
+
+
+def format_size(count: int) -> str:
+    """A parameter count as the name's size part: 999, 227K, 1.83M, 12.5B."""
+    for divisor, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= divisor:
+            value = count / divisor
+            digits = max(0, 2 - int(math.floor(math.log10(value))))
+            text = f"{value:.{digits}f}".rstrip("0").rstrip(".") if digits else f"{value:.0f}"
+            return text + unit
+    return str(count)
+
+
+def parameter_count(state_dict: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for name, t in state_dict.items() if not name.endswith(BUFFER_SUFFIXES))
+
+
+def export_name(hooked: dict, prime: int, seed: int, epoch: int, count: int, version: str | None) -> ExportName:
+    if version is not None and not _VERSION_RE.match(version):
+        raise GrokpipeError(f"--version {version!r}: letters, digits, '.' and '_' only (no '-', no '/')")
+    architecture = f"tl{hooked['n_layers']}l" + ("attn" if hooked.get("attn_only") else "")
+    run_version = f"s{seed}-e{epoch}" + (f"-{version}" if version else "")
+    return ExportName(architecture, format_size(count), f"modadd{prime}", "grok", run_version)
+
+
+def choose_epoch(layout: RunLayout, metadata: dict, which: str, epoch: int | None) -> tuple[int, Path]:
+    """``(epoch, file)`` for ``--epoch E``, ``--grokked`` (the first checkpoint at or after the
+    grokking epoch) or ``--final``."""
+    checkpoints = layout.checkpoint_files()
+    final_epoch = metadata.get("final_epoch", len(metadata.get("train_losses", [])) - 1)
+    if which == "final":
+        if not layout.final_model.exists():
+            raise GrokpipeError(f"{layout.root}: no final model (the run is unfinished?); export an --epoch instead")
+        return final_epoch, layout.final_model
+    if which == "grokked":
+        grok = metadata.get("grokking_epoch")
+        if grok is None:
+            losses = [x for x in metadata.get("test_losses", []) if x is not None]
+            lowest = f"; its lowest test loss is {min(losses):.4g}" if losses else ""
+            raise GrokpipeError(
+                f"{layout.root}: the run never grokked (test loss never fell below "
+                f"{metadata.get('grokking_threshold')}{lowest}); export --final or an --epoch instead"
+            )
+        after = [e for e in checkpoints if e >= grok]
+        if after:
+            return after[0], checkpoints[after[0]]
+        return final_epoch, layout.final_model
+    if epoch in checkpoints:
+        return epoch, checkpoints[epoch]
+    if epoch == final_epoch and layout.final_model.exists():
+        return epoch, layout.final_model
+    nearest = sorted(checkpoints, key=lambda e: abs(e - epoch))[:3]
+    raise GrokpipeError(f"{layout.root}: no checkpoint for epoch {epoch}; nearest: {sorted(nearest)}")
+
+
+def _tokenizer_json(prime: int) -> str:
+    """Our vocabulary as a Hugging Face ``tokenizers`` file: ``"a b ="`` encodes to ``[a, b, p]``."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    vocab = {str(i): i for i in range(prime)} | {"=": prime}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="="))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    return tokenizer.to_str(pretty=True)
+
+
+def _model_config(hooked: dict, prime: int) -> dict:
+    """config.json: readable in the Hugging Face style, with the full HookedTransformerConfig."""
+    return {
+        "architectures": ["HookedTransformer"],
+        "model_type": "transformer_lens",
+        "task": "modular addition: logits over c = (a + b) mod p at the last position of [a, b, =]",
+        "prime": prime,
+        "input_format": ["a", "b", "="],
+        "vocab_size": hooked["d_vocab"],
+        "output_size": hooked["d_vocab_out"],
+        "num_hidden_layers": hooked["n_layers"],
+        "hidden_size": hooked["d_model"],
+        "num_attention_heads": hooked["n_heads"],
+        "head_dim": hooked["d_head"],
+        "intermediate_size": hooked.get("d_mlp"),
+        "hidden_act": hooked.get("act_fn"),
+        "max_position_embeddings": hooked["n_ctx"],
+        "normalization_type": hooked.get("normalization_type"),
+        "torch_dtype": hooked.get("dtype", "float32"),
+        "hooked_transformer_config": hooked,
+    }
+
+
+def _model_card(name: ExportName, meta: dict) -> str:
+    losses = meta["losses"]
+    grok = meta["grokking_epoch"]
+    versions = " / ".join(str(meta["versions"][k]) for k in ("grokpipe", "torch", "transformer_lens"))
+    test = "not evaluated at this epoch" if losses["test"] is None else f"{losses['test']:.6g}"
+    return f"""# {name}
+
+A one-run, one-epoch export of a grokpipe run: a TransformerLens transformer trained on modular
+addition (a + b mod {name.prime}), the TransformerLens grokking demo's task.
+
+| | |
+|---|---|
+| source run | `{meta["source"]["run"]}` ({meta["source"]["kind"]}) |
+| epoch | {meta["epoch"]} ({meta["which"]}) |
+| parameters | {meta["parameters"]:,} |
+| train loss at this epoch | {losses["train"]:.6g} |
+| test loss at this epoch | {test} |
+| grokking epoch | {grok if grok is not None else "never (test loss stayed above the threshold)"} |
+| grokpipe / torch / TransformerLens | {versions} |
+
+![loss curve](loss_curve.png)
+
+Input: the token ids `[a, b, p]` (`tokenizer.json`: `"a b ="`); output: logits over the {name.prime}
+classes at the last position. Load with::
+
+    import grokpipe
+    model = grokpipe.load_model("{name}")  # HookedTransformer (TL 3) / TransformerBridge (TL 4)
+
+`export_meta.json` holds the sha256 of the source checkpoint and of every file here.
+"""
+
+
+def export(run_dir, out="models", which: str = "final", epoch: int | None = None, version=None, force=False) -> Path:
+    """Export one epoch of ``run_dir`` into ``out/{name}/``; returns the directory."""
+    from .plots import plot_run
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise GrokpipeError(f"{run_dir}: not a run directory")
+    layout = RunLayout(run_dir)
+    metadata, config = load_metadata(run_dir), load_config(run_dir)
+    chosen, source_file = choose_epoch(layout, metadata, which, epoch)
+    state = read_tensors(source_file)
+    hooked = config["hooked_transformer_config"]
+    prime, seed = int(config["prime"]), int(config["seed"])
+    name = export_name(hooked, prime, seed, chosen, parameter_count(state), version)
+    target = Path(out) / str(name)
+    with writer_lock(target, "export"):
+        if target.exists() and not force:
+            raise GrokpipeError(f"{target}: already exists; pass --force to replace it (nothing was written)")
+        remove_stale_staging(target, STAGING_MARKERS)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = make_unique_dir(target.parent, f".{target.name}.exporting-")
+        try:
+            header = {
+                **read_metadata(source_file),
+                "source": "exported",
+                "exported_from": str(source_file.resolve()),
+                "export_name": str(name),
+            }
+            hashes = {MODEL_FILE: write_model_file(staging / MODEL_FILE, state, header)}
+            if read_tensors(staging / MODEL_FILE).keys() != state.keys():
+                raise GrokpipeError(f"{staging / MODEL_FILE}: read back, it holds other tensors than were written")
+            hashes["config.json"] = write_json_atomic(staging / "config.json", _model_config(hooked, prime))
+            hashes["tokenizer.json"] = write_bytes_atomic(staging / "tokenizer.json", _tokenizer_json(prime).encode())
+            plot_run(metadata, staging / "loss_curve.png", mark_epoch=chosen)
+            hashes["loss_curve.png"] = sha256_file(staging / "loss_curve.png")
+            meta = _export_meta(run_dir, metadata, config, source_file, chosen, which, name, state)
+            card = _model_card(name, meta)
+            hashes["README.md"] = write_bytes_atomic(staging / "README.md", card.encode())
+            meta["files"] = dict(sorted(hashes.items()))
+            write_json_atomic(staging / EXPORT_META, meta)
+            replace_directory(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    log.info("exported %s epoch %d -> %s", run_dir, chosen, target)
+    return target
+
+
+def _export_meta(run_dir, metadata, config, source_file, epoch, which, name, state) -> dict:
+    import importlib.metadata
+
+    try:
+        tl_version = importlib.metadata.version("transformer-lens")
+    except importlib.metadata.PackageNotFoundError:
+        tl_version = None
+    train_losses, test_losses = metadata.get("train_losses", []), metadata.get("test_losses", [])
+    return {
+        "name": str(name),
+        "name_parts": asdict(name),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {
+            "run": str(Path(run_dir).resolve()),
+            "kind": metadata.get("source", "trained"),
+            "model_name": config.get("model_name"),
+            "prime": config.get("prime"),
+            "seed": config.get("seed"),
+            "config_hash": config.get("config_hash"),
+            "file": str(source_file.relative_to(run_dir)),
+            "sha256": sha256_file(source_file),
+        },
+        "epoch": epoch,
+        "which": which,
+        "parameters": parameter_count(state),
+        "losses": {
+            "train": train_losses[epoch] if epoch < len(train_losses) else None,
+            "test": test_losses[epoch] if epoch < len(test_losses) else None,
+        },
+        "grokking_epoch": metadata.get("grokking_epoch"),
+        "grokking_threshold": metadata.get("grokking_threshold"),
+        "training": config.get("training"),
+        "versions": {"grokpipe": __version__, "torch": torch.__version__, "transformer_lens": tl_version},
+    }
+
+
+def verify_export(path: Path) -> list[str]:
+    """Problems of an export directory: a file listed in export_meta.json missing or changed."""
+    from .loading import read_json
+
+    problems = []
+    for name, digest in (read_json(path / EXPORT_META).get("files") or {}).items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{file}: missing")
+        elif sha256_file(file) != digest:
+            problems.append(f"{file}: sha256 differs from export_meta.json (changed or damaged)")
+    return problems
+
+
+def is_export(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / EXPORT_META).is_file() and (path / MODEL_FILE).is_file()
+
+
+def list_exports(models_dir: str | Path) -> list[dict]:
+    """Every export directly under ``models_dir``, with its name parts and source."""
+    from .loading import read_json
+
+    rows = []
+    for entry in sorted(Path(models_dir).iterdir()):
+        if entry.is_dir() and is_export(entry):
+            meta = read_json(entry / EXPORT_META)
+            rows.append(
+                {
+                    "name": entry.name,
+                    **meta.get("name_parts", {}),
+                    "epoch": meta.get("epoch"),
+                    "which": meta.get("which"),
+                    "test_loss": (meta.get("losses") or {}).get("test"),
+                    "source_run": (meta.get("source") or {}).get("run"),
+                    "path": str(entry),
+                }
+            )
+    return rows
