@@ -32,8 +32,21 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def require_hooked_transformer(what: str) -> None:
+    """Training and analysis use HookedTransformer, which TransformerLens 4 removed."""
+    from .bridge import transformer_lens_major
+    from .errors import GrokpipeError
+
+    if transformer_lens_major() >= 4:
+        raise GrokpipeError(
+            f"{what} needs TransformerLens 3.9 (HookedTransformer, the demo's model); this environment has "
+            "TransformerLens 4, which grokpipe supports for loading only (pip install 'transformer-lens==3.9.0')"
+        )
+
+
 def training_model(spec: RunSpec, device: str):
     """The demo's model: seeded init, every bias (``b_*``) frozen."""
+    require_hooked_transformer("training")
     with _quiet_transformer_lens():
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -72,6 +85,7 @@ def config_from_json(data: dict, device: str = "cpu"):
     Fields this TransformerLens version does not know are dropped; ``seed`` is restored after
     construction because HookedTransformerConfig reseeds every global RNG when given one.
     """
+    require_hooked_transformer("this analysis")
     with _quiet_transformer_lens():
         from transformer_lens import HookedTransformerConfig
 
@@ -89,6 +103,7 @@ def config_from_json(data: dict, device: str = "cpu"):
 
 def empty_model(cfg):
     """An uninitialised HookedTransformer for ``cfg``, to be filled by ``load_state_dict``."""
+    require_hooked_transformer("this analysis")
     with _quiet_transformer_lens():
         from transformer_lens import HookedTransformer
 
@@ -97,8 +112,13 @@ def empty_model(cfg):
 
 def loaded_model(hooked_config: dict, state_dict: dict, source, device: str = "cpu"):
     """A HookedTransformer built from ``hooked_config`` holding ``state_dict`` (strict load), in eval
-    mode; weights that do not fit the config are a GrokpipeError naming ``source``."""
+    mode; weights that do not fit the config are a GrokpipeError naming ``source``. Under
+    TransformerLens 4 the same weights load into a TransformerBridge (see :mod:`grokpipe.bridge`)."""
+    from .bridge import bridge_model, transformer_lens_major
     from .errors import GrokpipeError
+
+    if transformer_lens_major() >= 4:
+        return bridge_model(hooked_config, state_dict, source, device)
 
     model = empty_model(config_from_json(hooked_config, device=device))
     try:
