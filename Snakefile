@@ -18,6 +18,7 @@ include: "workflow/rules/convert.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/progress.smk"
 include: "workflow/rules/consolidate.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import pytest
 import torch
-from conftest import grokpipe_cli, tiny_config
+from conftest import grokpipe_cli, run_dir_of, snakemake, tiny_config, write_config
 from tokenizers import Tokenizer
 
 import grokpipe
@@ -122,3 +123,20 @@ def test_export_errors_are_one_line(runs, tmp_path, capsys):
     (target / "config.json").write_text("{}")
     assert main(["inspect", str(target)]) == 0
     assert "sha256 differs" in capsys.readouterr().out
+
+
+def test_snakemake_exports_every_run_when_configured(trained_grid, tmp_path):
+    workdir = tmp_path / "grid"
+    shutil.copytree(trained_grid["workdir"], workdir)
+    configfile = write_config(workdir / "export.yaml", {**trained_grid["config"], "export": ["grokked", "final"]})
+    proc = snakemake(workdir, "--cores", "2", configfile=configfile)
+    assert "rule train" not in proc.stdout + proc.stderr, "exporting does not retrain"
+    models = sorted(parse_export_name(p.name) for p in (workdir / "models").iterdir() if p.is_dir())
+    assert [(m.prime, m.seed, m.epoch) for m in models] == [(5, 0, 29), (5, 1, 29), (7, 0, 29), (7, 1, 29)]
+    for prime, seed in ((5, 0), (5, 1), (7, 0), (7, 1)):
+        run = run_dir_of(workdir, prime, seed)
+        final = json.loads((run / "exports" / "final.json").read_text())
+        assert parse_export_name(final["name"]).epoch == grokpipe.load_metadata(run)["final_epoch"]
+        assert (workdir / final["export"] / "export_meta.json").is_file()
+        grokked = json.loads((run / "exports" / "grokked.json").read_text())
+        assert grokked["export"] is None and "never grokked" in grokked["skipped"]  # 30 tiny epochs

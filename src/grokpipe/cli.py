@@ -188,11 +188,22 @@ def cmd_list(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export
+    from .atomic import write_json_atomic
+    from .export import NeverGrokked, export
 
     which = "grokked" if args.grokked else "epoch" if args.epoch is not None else "final"
-    target = export(args.run_dir, args.out, which, args.epoch, args.version, args.force)
-    print(target)
+    try:
+        target = export(args.run_dir, args.out, which, args.epoch, args.version, args.force)
+    except NeverGrokked as exc:
+        if not args.skip_ungrokked:
+            raise
+        print(f"grokpipe: skipped: {exc}", file=sys.stderr)
+        record = {"which": which, "export": None, "skipped": str(exc)}
+    else:
+        print(target)
+        record = {"which": which, "export": str(target), "name": target.name}
+    if args.record:
+        write_json_atomic(args.record, record)
     return 0
 
 
@@ -361,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="models", help="parent directory of the export (default: models)")
     p.add_argument("--version", help="appended to the name's version part (letters, digits, '.', '_')")
     p.add_argument("--force", action="store_true", help="replace an existing export of the same name")
+    p.add_argument("--record", help="also write what was exported (or skipped) as JSON to this file")
+    p.add_argument(
+        "--skip-ungrokked", action="store_true", help="with --grokked: skip (not fail on) a run that never grokked"
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("list", help="every run in a results tree (or every export in a models/ directory)")

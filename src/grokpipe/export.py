@@ -59,7 +59,11 @@ _NAME_RE = re.compile(
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._]*$")
 
 
-@dataclass(frozen=True)
+class NeverGrokked(GrokpipeError):
+    """``--grokked`` for a run whose test loss never fell below its threshold."""
+
+
+@dataclass(frozen=True, order=True)
 class ExportName:
     architecture: str
     size: str
@@ -129,7 +133,7 @@ def choose_epoch(layout: RunLayout, metadata: dict, which: str, epoch: int | Non
         if grok is None:
             losses = [x for x in metadata.get("test_losses", []) if x is not None]
             lowest = f"; its lowest test loss is {min(losses):.4g}" if losses else ""
-            raise GrokpipeError(
+            raise NeverGrokked(
                 f"{layout.root}: the run never grokked (test loss never fell below "
                 f"{metadata.get('grokking_threshold')}{lowest}); export --final or an --epoch instead"
             )

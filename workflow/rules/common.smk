@@ -117,6 +117,7 @@ def run_outputs(run):
     names = ["metadata.json", "verify.json", "artifacts/loss_curves.png"]
     if has_progress(run):
         names.append("artifacts/progress_measures.csv")
+    names += [f"exports/{which}.json" for which in config["export"]]
     return [run_file(run, name) for name in names]
 
 
