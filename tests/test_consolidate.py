@@ -184,6 +184,18 @@ def test_dry_run_writes_nothing(hf_sharded, tmp_path):
     assert not out.exists()
 
 
+def assert_refused(source: Path, out: Path, expected: str, capsys) -> None:
+    """One ``grokpipe: error:`` line naming the input and the problem, exit 1, nothing written in or
+    beside OUT_DIR, the input unchanged."""
+    before = snapshot(source)
+    assert main(["consolidate", str(source), str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("grokpipe: error: ") and len(err.splitlines()) == 1, err
+    assert expected in err and str(source) in err, err
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.*")), "nothing is left in or beside OUT_DIR"
+    assert snapshot(source) == before
+
+
 def _break(kind: str, source: Path, outside: Path) -> None:
     index_path = source / "model.safetensors.index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else None
@@ -239,14 +251,8 @@ def test_bad_hf_input_is_one_line_and_leaves_nothing(hf_sharded, tmp_path, capsy
     shutil.copytree(hf_sharded, source)
     outside = tmp_path / "outside.safetensors"
     _break(kind, source, outside)
-    before = snapshot(source)
-    out = tmp_path / "out"
-    assert main(["consolidate", str(source), str(out)]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("grokpipe: error: ") and len(err.splitlines()) == 1, err
-    assert BAD_HF[kind] in err and str(source) in err, err
-    assert not out.exists() and not list(tmp_path.glob(".out.*")), "nothing is left in or beside OUT_DIR"
-    assert snapshot(source) == before and not Path(f"{outside}.ran").exists()
+    assert_refused(source, tmp_path / "out", BAD_HF[kind], capsys)
+    assert not Path(f"{outside}.ran").exists()
 
 
 def _break_other(kind: str, tmp_path: Path, dcp_dir: Path) -> Path:
@@ -287,13 +293,8 @@ BAD_OTHER = {
 @pytest.mark.parametrize("kind", list(BAD_OTHER))
 def test_bad_dcp_and_deepspeed_input(dcp_dir, tmp_path, capsys, kind):
     source = _break_other(kind, tmp_path, dcp_dir)
-    before = snapshot(source)
-    out = tmp_path / "out"
-    assert main(["consolidate", str(source), str(out)]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("grokpipe: error: ") and len(err.splitlines()) == 1, err
-    assert BAD_OTHER[kind] in err and str(source) in err, err
-    assert not out.exists() and snapshot(source) == before and not (tmp_path / "ran").exists()
+    assert_refused(source, tmp_path / "out", BAD_OTHER[kind], capsys)
+    assert not (tmp_path / "ran").exists()
 
 
 def test_existing_output_needs_force(hf_sharded, tmp_path, capsys):

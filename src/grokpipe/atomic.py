@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import GrokpipeError
@@ -51,14 +52,15 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> str:
-    """Write ``data`` to ``path`` crash-safely and return its sha256 (hex).
+@contextmanager
+def atomic_file(path: str | Path):
+    """A binary file object whose content appears at ``path`` only when the block ends without an
+    error: temporary file beside it (the umask's permissions), fsync, rename, fsync the directory.
 
     On any OS error (disk full, permission) the temporary file is removed, ``path`` keeps its old
     content (or stays absent) and a GrokpipeError names the file.
     """
     path = Path(path)
-    digest = hashlib.sha256(data).hexdigest()
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +68,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> str:
         # mkstemp creates 0600 whatever the umask; the file gets what open() would have given it.
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_name, path)
@@ -81,7 +83,13 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> str:
                 os.unlink(tmp_name)
             except OSError:
                 pass
-    return digest
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> str:
+    """Write ``data`` to ``path`` crash-safely (:func:`atomic_file`) and return its sha256 (hex)."""
+    with atomic_file(path) as fh:
+        fh.write(data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def write_json_atomic(path: str | Path, data) -> str:

@@ -97,8 +97,8 @@ def _check_tiling(name: str, shape: tuple[int, ...], chunks: list[tuple[tuple, t
         raise GrokpipeError(f"{path}: the chunks of {name!r} do not cover its shape {list(shape)} (a missing rank?)")
 
 
-def _read_item(root: Path, info: dict, what: str):
-    """The ``torch.save`` archive of one item, read from its place in a ``.distcp`` file."""
+def _place(root: Path, info: dict, what: str) -> tuple[Path, int, int]:
+    """``(file, offset, length)`` of one stored item, checked to lie inside its ``.distcp`` file."""
     if info.get("transform_descriptors"):
         raise GrokpipeError(f"{what} is stored with transforms {info['transform_descriptors']!r} (not supported)")
     path = inside(root, info.get("relative_path"), f"{root / METADATA}: {what}")
@@ -107,6 +107,12 @@ def _read_item(root: Path, info: dict, what: str):
         raise GrokpipeError(f"{root / METADATA}: {what} has offset {offset!r}, length {length!r}")
     if offset + length > path.stat().st_size:
         raise GrokpipeError(f"{path}: {what} lies at bytes {offset}-{offset + length}, past the end (truncated)")
+    return path, offset, length
+
+
+def _read_item(root: Path, info: dict, what: str):
+    """The ``torch.save`` archive of one item, read from its place in a ``.distcp`` file."""
+    path, offset, length = _place(root, info, what)
     with open(path, "rb") as fh:
         fh.seek(offset)
         data = fh.read(length)
@@ -154,8 +160,8 @@ def dcp_source(root: Path) -> CheckpointSource:
                 raise GrokpipeError(f"{what}: the chunk at {list(offsets)} has no storage entry")
             parts.append((offsets, sizes, places[(name, offsets)]))
         _check_tiling(name, shape, [(o, s) for o, s, _ in parts], metadata_path)
-        for _, _, info in parts:
-            files[inside(root, info.get("relative_path"), what)] = None
+        for offsets, _, info in parts:  # every chunk checked before anything is written
+            files[_place(root, info, f"the chunk of {name!r} at {list(offsets)}")[0]] = None
         first = inside(root, parts[0][2].get("relative_path"), what) if parts else metadata_path
         tensors[name] = TensorEntry(name, _tensor_dtype(fields.get("properties"), what), shape, first)
         chunks[name] = parts

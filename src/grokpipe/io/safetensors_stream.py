@@ -14,14 +14,13 @@ import errno
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..atomic import current_umask, fsync_dir
+from ..atomic import atomic_file
 from ..errors import GrokpipeError
 from ..safetensors_io import same_bits
 from .sources import TensorEntry, dtype_name
@@ -114,29 +113,16 @@ def write_streaming(
     """Write ``entries`` (bytes from ``tensors()``, or copied from ``raw`` ranges when nothing is
     cast) to ``path`` crash-safely."""
     copy_raw = raw is not None and all(output_dtype(e, cast) == e.dtype for e in entries.values())
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(header_bytes(entries, cast, metadata))
-            fh.flush()
-            if copy_raw:
-                for source, begin, end in _raw_runs(entries, raw):
-                    _copy_range(source, begin, end, fh.fileno())
-            else:
-                for name, tensor, entry in _in_order(entries, tensors()):
-                    fh.write(_converted(name, tensor, entry, cast).reshape(-1).view(torch.uint8).numpy())
-                    del tensor
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        fsync_dir(path.parent)
-    except OSError as exc:
-        raise GrokpipeError(f"{path}: write failed ({exc.strerror or exc}); nothing was written there") from None
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+    with atomic_file(path) as fh:
+        fh.write(header_bytes(entries, cast, metadata))
+        fh.flush()
+        if copy_raw:
+            for source, begin, end in _raw_runs(entries, raw):
+                _copy_range(source, begin, end, fh.fileno())
+        else:
+            for name, tensor, entry in _in_order(entries, tensors()):
+                fh.write(_converted(name, tensor, entry, cast).reshape(-1).view(torch.uint8).numpy())
+                del tensor
 
 
 REOPEN_BYTES = 64 << 20
