@@ -297,6 +297,23 @@ def test_bad_dcp_and_deepspeed_input(dcp_dir, tmp_path, capsys, kind):
     assert not (tmp_path / "ran").exists()
 
 
+def test_output_inside_the_input_is_refused(hf_sharded, tmp_path, capsys):
+    source = tmp_path / "checkpoint"
+    shutil.copytree(hf_sharded, source)
+    for out in (source, source / "out", tmp_path):
+        assert main(["consolidate", str(source), str(out), "--force"]) == 1
+        assert "inputs are never modified" in capsys.readouterr().err
+    assert sorted(p.name for p in source.iterdir()) == sorted(p.name for p in hf_sharded.iterdir())
+
+
+def test_inspect_describes_a_consolidated_directory(hf_sharded, tmp_path):
+    consolidate(hf_sharded, tmp_path / "out")
+    proc = grokpipe_cli("inspect", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert "consolidated checkpoint" in proc.stdout and "hf-sharded-safetensors" in proc.stdout
+    assert "transformer.wte.weight" in proc.stdout
+
+
 def test_existing_output_needs_force(hf_sharded, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -142,10 +142,18 @@ def _write_into_place(source: CheckpointSource, out_dir: Path, dtype: str | None
     return record
 
 
+def _check_apart(source: Path, out_dir: Path) -> None:
+    """Inputs are never modified: OUT_DIR may not be INPUT, lie inside it, or contain it."""
+    src, out = source.resolve(), out_dir.resolve()
+    if out == src or out.is_relative_to(src) or src.is_relative_to(out):
+        raise GrokpipeError(f"{out_dir}: must not be {source}, inside it or around it (inputs are never modified)")
+
+
 def consolidate(input_dir, out_dir, dtype: str | None = None, dry_run: bool = False, force: bool = False):
     """Consolidate one checkpoint directory into ``out_dir``; returns the record (or the
     ``--dry-run`` description)."""
     _cast(dtype)
+    _check_apart(Path(input_dir), Path(out_dir))
     source = detect(Path(input_dir))
     if dry_run:
         return describe(source, Path(out_dir), dtype)
@@ -158,6 +166,7 @@ def consolidate_all(run_dir, out_dir, dtype=None, pattern=None, dry_run=False, f
     All checkpoints are described (and so checked) before the first is written."""
     _cast(dtype)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    _check_apart(run_dir, out_dir)
     name = run_dir.resolve().name
     plans = [(detect(path), out_dir / f"{name}_step_{step}") for step, path in checkpoint_dirs(run_dir, pattern)]
     if dry_run:

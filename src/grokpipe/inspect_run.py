@@ -167,12 +167,31 @@ def inspect_export(path: Path) -> dict:
     }
 
 
+def inspect_consolidated(path: Path) -> dict:
+    """A ``grokpipe consolidate`` output directory: its record and model file."""
+    from .consolidate import MODEL_FILE, RECORD_FILE
+
+    record = _json(path / RECORD_FILE) or {}
+    source = record.get("source") or {}
+    return {
+        "format": "consolidated checkpoint (grokpipe consolidate)",
+        "path": str(path),
+        "source": f"{source.get('format')} at {source.get('path')}",
+        "tensor_count": record.get("tensor_count"),
+        "non_tensor_entries": record.get("non_tensor_entries"),
+        "final_model": _file_summary(path / MODEL_FILE),
+    }
+
+
 def inspect_path(path: str | Path) -> dict:
+    from .consolidate import RECORD_FILE
     from .export import is_export
 
     path = Path(path)
     if path.is_dir() and is_export(path):
         return inspect_export(path)
+    if path.is_dir() and (path / RECORD_FILE).is_file():
+        return inspect_consolidated(path)
     if path.is_dir():
         return inspect_run(path)
     if not path.exists():
@@ -222,6 +241,7 @@ def format_inspection(info: dict) -> str:
         "which",
         "parameters",
         "losses",
+        "tensor_count",
         "diverged_at_epoch",
         "source",
         "model_name",
