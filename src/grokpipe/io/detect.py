@@ -15,24 +15,23 @@ import zipfile
 from pathlib import Path
 
 from ..errors import GrokpipeError
-from . import hf
-from .dcp import METADATA, dcp_source
-from .deepspeed import _OPTIM_RE, deepspeed_source
-from .sources import CheckpointSource
 
+# The format readers (and torch) are imported by detect() only: the Snakefile imports this module
+# for holds_checkpoint_dirs when it parses.
 CHECKPOINT_DIR_RE = re.compile(r"^(?:checkpoint-|global_step)(\d+)$")
 
 
-def _is_deepspeed(root: Path) -> bool:
-    return (root / "latest").is_file() or any(_OPTIM_RE.match(p.name) for p in root.iterdir())
+def detect(root: str | Path):
+    """The checkpoint in directory ``root`` as a :class:`~grokpipe.io.sources.CheckpointSource`,
+    described (headers, indexes and pickled metadata read and checked; no tensor data)."""
+    from . import hf
+    from .dcp import METADATA, dcp_source
+    from .deepspeed import _OPTIM_RE, deepspeed_source
 
-
-def detect(root: str | Path) -> CheckpointSource:
-    """The checkpoint in directory ``root``, described (headers and indexes read and checked)."""
     root = Path(root)
     if not root.is_dir():
         raise GrokpipeError(f"{root}: not a checkpoint directory")
-    if _is_deepspeed(root):
+    if (root / "latest").is_file() or any(_OPTIM_RE.match(p.name) for p in root.iterdir()):
         return deepspeed_source(root)
     if (root / METADATA).is_file():
         return dcp_source(root)
