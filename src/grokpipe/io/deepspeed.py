@@ -189,11 +189,9 @@ def deepspeed_source(root: Path) -> CheckpointSource:
     module = rank0["module"]
     if not isinstance(module, dict) or not isinstance(buffer_names, (list, tuple, set)):
         raise GrokpipeError(f"{model_files[0]}: module/buffer_names are not a state dict and a list")
-    buffers = {}
-    for name in buffer_names:
-        if not torch.is_tensor(module.get(name)):
-            raise GrokpipeError(f"{model_files[0]}: buffer {name!r} is not in the module's state dict")
-        buffers[name] = module[name]
+    # As zero_to_fp32: the module's entries named in buffer_names (a non-persistent buffer is named
+    # there but not saved in the module's state dict, and is skipped).
+    buffers = {name: t for name, t in module.items() if name in set(buffer_names) and torch.is_tensor(t)}
     frozen_shapes = _shapes(rank0.get("frozen_param_shapes") or {}, model_files[0], "frozen_param_shapes")
     frozen = [m.get("frozen_param_fragments") or {} for m in models]
     for path, fragments in zip(model_files, frozen):
