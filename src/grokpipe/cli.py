@@ -142,8 +142,12 @@ def cmd_consolidate(args) -> int:
 def cmd_verify(args) -> int:
     from .atomic import write_json_atomic
     from .layout import RunLayout
+    from .model import require_hooked_transformer
     from .verify import verify_run
 
+    # Before anything is checked: under TransformerLens 4 every strict load would "fail" and the run
+    # would be recorded as damaged.
+    require_hooked_transformer("verify")
     report = verify_run(args.run_dir, recompute=args.recompute)
     if Path(args.run_dir).is_dir():
         # The outcome stays in the run, where list and inspect see it, even when Snakemake deletes

@@ -84,3 +84,11 @@ def test_training_under_tl4_is_refused_in_one_line(manifest, tmp_path):
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "needs TransformerLens 3.9" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_verify_under_tl4_is_refused_without_marking_the_run(manifest):
+    run = manifest["supported"]["relu_1l"]["run"]
+    reports = sorted(p.name for p in Path(run).glob("verif*.json"))
+    proc = subprocess.run([sys.executable, "-m", "grokpipe", "verify", run], capture_output=True, text=True)
+    assert proc.returncode == 1 and "verify needs TransformerLens 3.9" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in Path(run).glob("verif*.json")) == reports, "no verification report written"
