@@ -122,6 +122,8 @@ def test_single_model_file_is_read_as_what_its_bytes_are(gpt2, tmp_path):
     assert record["source"]["format"] == "safetensors"
     tensors = load_file(tmp_path / "out" / "model.safetensors")
     assert all(torch.equal(tensors[k], v) for k, v in gpt2[1].items())
+    lone = consolidate(source / "pytorch_model.bin", tmp_path / "from-file")  # a file as INPUT
+    assert lone["source"]["files"] == record["source"]["files"]
 
 
 def test_dcp_from_two_ranks(dcp_dir, tmp_path):

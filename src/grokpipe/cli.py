@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "grokpipe's restricted loader; trainer extras (optimizer.pt, rng_state.pth, training_args.bin, "
         "scheduler.pt) are never opened. There is no pickle (.bin) output: safetensors only.",
     )
-    p.add_argument("input", help="checkpoint directory (with --all-checkpoints: the run directory holding them)")
+    p.add_argument("input", help="checkpoint directory or one model file (--all-checkpoints: the run directory)")
     p.add_argument("out_dir", help="output directory (with --all-checkpoints: one {name}_step_{N}/ per checkpoint)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast floating tensors (default: keep)")
     p.add_argument("--dry-run", action="store_true", help="print what would be read and written; write nothing")

@@ -22,15 +22,19 @@ CHECKPOINT_DIR_RE = re.compile(r"^(?:checkpoint-|global_step)(\d+)$")
 
 
 def detect(root: str | Path):
-    """The checkpoint in directory ``root`` as a :class:`~grokpipe.io.sources.CheckpointSource`,
-    described (headers, indexes and pickled metadata read and checked; no tensor data)."""
+    """The checkpoint in directory ``root`` (or the one model file ``root``) as a
+    :class:`~grokpipe.io.sources.CheckpointSource`, described (headers, indexes and pickled
+    metadata read and checked; no tensor data)."""
     from . import hf
     from .dcp import METADATA, dcp_source
     from .deepspeed import _OPTIM_RE, deepspeed_source
 
     root = Path(root)
+    if root.is_file():  # one model file: read as what its bytes are
+        reader = hf.bin_source if zipfile.is_zipfile(root) else hf.safetensors_source
+        return reader(root.parent, None, root.name)
     if not root.is_dir():
-        raise GrokpipeError(f"{root}: not a checkpoint directory")
+        raise GrokpipeError(f"{root}: no such checkpoint directory or model file")
     if (root / "latest").is_file() or any(_OPTIM_RE.match(p.name) for p in root.iterdir()):
         return deepspeed_source(root)
     if (root / METADATA).is_file():
