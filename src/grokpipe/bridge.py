@@ -48,12 +48,20 @@ UNSUPPORTED_FIELDS = (
 )
 
 
+def transformer_lens_version() -> str | None:
+    """The installed TransformerLens version, without importing it (None when it is missing)."""
+    try:
+        return importlib.metadata.version("transformer-lens")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a dependency
+        return None
+
+
 def transformer_lens_major() -> int:
     """The installed TransformerLens major version (3 or 4)."""
-    try:
-        return int(importlib.metadata.version("transformer-lens").split(".")[0])
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a dependency
-        raise GrokpipeError("TransformerLens is not installed (pip install 'transformer-lens>=3.9,<5')") from None
+    version = transformer_lens_version()
+    if version is None:  # pragma: no cover - a dependency
+        raise GrokpipeError("TransformerLens is not installed (pip install 'transformer-lens>=3.9,<5')")
+    return int(version.split(".")[0])
 
 
 def bridge_unsupported_reason(hooked: dict) -> str | None:

@@ -23,7 +23,7 @@ from .config import canonical_json, run_name
 from .errors import GrokpipeError
 from .layout import RUN_DIR_RE, RunLayout
 from .legacy import LegacyRun, hooked_config_from_legacy, normalize_buffers, read_legacy
-from .safetensors_io import first_difference, header, read_tensors, write_model_file
+from .safetensors_io import header, write_verified_model_file
 from .train import EPOCH_CONVENTION, METADATA_FORMAT_VERSION, finite_or_none, first_non_finite, grokking_epoch
 from .writer_lock import writer_lock
 
@@ -46,14 +46,6 @@ def _check_strict_load(path: Path, hooked: dict, state: dict[str, torch.Tensor])
         loaded_model(hooked, state, path)
     except GrokpipeError as exc:
         raise GrokpipeError(f"{exc}; nothing was written") from None
-
-
-def _write_verified(path: Path, state: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
-    digest = write_model_file(path, state, meta)
-    difference = first_difference(state, read_tensors(path))
-    if difference:
-        raise GrokpipeError(f"{path}: conversion check failed: {difference} after writing")
-    return digest
 
 
 def convert(
@@ -136,11 +128,13 @@ def _write_run(
     for epoch, state in sorted(zip(run.checkpoint_epochs, run.checkpoints), key=lambda pair: pair[0]):
         state, _ = normalize_buffers(state, n_ctx)
         meta = header(model_name, prime, seed, config_hash, epoch, "checkpoint", hooked, source="converted")
-        files[layout.relative(layout.checkpoint(epoch))] = _write_verified(layout.checkpoint(epoch), state, meta)
+        path = layout.checkpoint(epoch)
+        files[layout.relative(path)] = write_verified_model_file(path, state, meta, "conversion")
     num_epochs = len(run.train_losses)
     final_state, _ = normalize_buffers(run.model, n_ctx)
     final_meta = header(model_name, prime, seed, config_hash, num_epochs - 1, "final", hooked, source="converted")
-    files[layout.relative(layout.final_model)] = _write_verified(layout.final_model, final_state, final_meta)
+    final = layout.final_model
+    files[layout.relative(final)] = write_verified_model_file(final, final_state, final_meta, "conversion")
 
     every = _checkpoint_every(run.checkpoint_epochs)
     training = {

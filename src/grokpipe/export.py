@@ -44,7 +44,7 @@ from .atomic import (
 from .errors import GrokpipeError
 from .layout import RunLayout
 from .loading import EXPORT_META, load_config, load_metadata
-from .safetensors_io import read_metadata, read_tensors, write_model_file
+from .safetensors_io import read_metadata, read_tensors, write_verified_model_file
 from .writer_lock import writer_lock
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,8 @@ def export(run_dir, out="models", which: str = "final", epoch: int | None = None
     state = read_tensors(source_file)
     hooked = config["hooked_transformer_config"]
     prime, seed = int(config["prime"]), int(config["seed"])
-    name = export_name(hooked, prime, seed, chosen, parameter_count(state), version)
+    count = parameter_count(state)
+    name = export_name(hooked, prime, seed, chosen, count, version)
     target = Path(out) / str(name)
     with writer_lock(target, "export"):
         if target.exists() and not force:
@@ -244,14 +245,12 @@ def export(run_dir, out="models", which: str = "final", epoch: int | None = None
                 "exported_from": str(source_file.resolve()),
                 "export_name": str(name),
             }
-            hashes = {MODEL_FILE: write_model_file(staging / MODEL_FILE, state, header)}
-            if read_tensors(staging / MODEL_FILE).keys() != state.keys():
-                raise GrokpipeError(f"{staging / MODEL_FILE}: read back, it holds other tensors than were written")
+            hashes = {MODEL_FILE: write_verified_model_file(staging / MODEL_FILE, state, header, "export")}
             hashes["config.json"] = write_json_atomic(staging / "config.json", _model_config(hooked, prime))
             hashes["tokenizer.json"] = write_bytes_atomic(staging / "tokenizer.json", _tokenizer_json(prime).encode())
             plot_run(metadata, staging / "loss_curve.png", mark_epoch=chosen)
             hashes["loss_curve.png"] = sha256_file(staging / "loss_curve.png")
-            meta = _export_meta(run_dir, metadata, config, source_file, chosen, which, name, state)
+            meta = _export_meta(run_dir, metadata, config, source_file, chosen, which, name, count)
             card = _model_card(name, meta)
             hashes["README.md"] = write_bytes_atomic(staging / "README.md", card.encode())
             meta["files"] = dict(sorted(hashes.items()))
@@ -263,13 +262,9 @@ def export(run_dir, out="models", which: str = "final", epoch: int | None = None
     return target
 
 
-def _export_meta(run_dir, metadata, config, source_file, epoch, which, name, state) -> dict:
-    import importlib.metadata
+def _export_meta(run_dir, metadata, config, source_file, epoch, which, name, count) -> dict:
+    from .bridge import transformer_lens_version
 
-    try:
-        tl_version = importlib.metadata.version("transformer-lens")
-    except importlib.metadata.PackageNotFoundError:
-        tl_version = None
     train_losses, test_losses = metadata.get("train_losses", []), metadata.get("test_losses", [])
     return {
         "name": str(name),
@@ -287,7 +282,7 @@ def _export_meta(run_dir, metadata, config, source_file, epoch, which, name, sta
         },
         "epoch": epoch,
         "which": which,
-        "parameters": parameter_count(state),
+        "parameters": count,
         "losses": {
             "train": train_losses[epoch] if epoch < len(train_losses) else None,
             "test": test_losses[epoch] if epoch < len(test_losses) else None,
@@ -295,7 +290,11 @@ def _export_meta(run_dir, metadata, config, source_file, epoch, which, name, sta
         "grokking_epoch": metadata.get("grokking_epoch"),
         "grokking_threshold": metadata.get("grokking_threshold"),
         "training": config.get("training"),
-        "versions": {"grokpipe": __version__, "torch": torch.__version__, "transformer_lens": tl_version},
+        "versions": {
+            "grokpipe": __version__,
+            "torch": torch.__version__,
+            "transformer_lens": transformer_lens_version(),
+        },
     }
 
 

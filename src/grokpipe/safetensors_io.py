@@ -69,6 +69,18 @@ def write_model_file(path: Path, state_dict: dict[str, torch.Tensor], metadata: 
     return write_bytes_atomic(path, serialize_state_dict(state_dict, metadata))
 
 
+def write_verified_model_file(
+    path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str], what: str
+) -> str:
+    """:func:`write_model_file`, then read the file back and compare every tensor bit for bit;
+    returns its sha256. ``what`` names the step in the error (``conversion``, ``export``)."""
+    digest = write_model_file(path, state_dict, metadata)
+    difference = first_difference(state_dict, read_tensors(path))
+    if difference:
+        raise GrokpipeError(f"{path}: {what} check failed: {difference} after writing")
+    return digest
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file, without reading tensor data."""
     try:
