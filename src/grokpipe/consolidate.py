@@ -23,7 +23,7 @@ from ._version import __version__
 from .atomic import make_unique_dir, remove_stale_staging, replace_directory, sha256_file, write_json_atomic
 from .errors import GrokpipeError
 from .io.detect import checkpoint_dirs, detect
-from .io.safetensors_stream import output_dtype, verify_streamed, write_streaming
+from .io.safetensors_stream import output_dtype, output_nbytes, verify_streamed, write_streaming
 from .io.sources import CheckpointSource, dtype_name
 from .safetensors_io import consolidated_header
 from .writer_lock import writer_lock
@@ -55,7 +55,7 @@ def _size(nbytes: int) -> str:
 
 
 def _output_bytes(source: CheckpointSource, cast: torch.dtype | None) -> int:
-    return sum(e.nbytes // e.dtype.itemsize * output_dtype(e, cast).itemsize for e in source.tensors.values())
+    return sum(output_nbytes(entry, cast) for entry in source.tensors.values())
 
 
 def describe(source: CheckpointSource, out_dir: Path, dtype: str | None) -> str:

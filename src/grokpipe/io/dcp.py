@@ -110,13 +110,13 @@ def _place(root: Path, info: dict, what: str) -> tuple[Path, int, int]:
     return path, offset, length
 
 
-def _read_item(root: Path, info: dict, what: str):
-    """The ``torch.save`` archive of one item, read from its place in a ``.distcp`` file."""
-    path, offset, length = _place(root, info, what)
+def _read_item(place: tuple[Path, int, int]):
+    """The ``torch.save`` archive of one item, read from its (checked) place in a ``.distcp`` file."""
+    path, offset, length = place
     with open(path, "rb") as fh:
         fh.seek(offset)
         data = fh.read(length)
-    return path, safe_torch_load(path, [], "tensors and containers", data=data)
+    return safe_torch_load(path, [], "tensors and containers", data=data)
 
 
 def dcp_source(root: Path) -> CheckpointSource:
@@ -136,8 +136,9 @@ def dcp_source(root: Path) -> CheckpointSource:
         )
 
     tensors: dict[str, TensorEntry] = {}
-    chunks: dict[str, list[tuple[tuple, tuple, dict]]] = {}
-    byte_items: dict[str, dict] = {}
+    # Every stored item is placed (and checked to lie inside its file) here, before anything is written.
+    chunks: dict[str, list[tuple[tuple, tuple, tuple[Path, int, int]]]] = {}
+    byte_items: dict[str, tuple[Path, int, int]] = {}
     files: dict[Path, None] = {metadata_path: None}
     for name, entry in entries.items():
         what = f"{metadata_path}: entry {name!r}"
@@ -146,8 +147,8 @@ def dcp_source(root: Path) -> CheckpointSource:
         if isinstance(entry, StandIn) and type(entry).__name__ == "BytesStorageMetadata":
             if (name, None) not in places:
                 raise GrokpipeError(f"{what} has no storage entry")
-            byte_items[name] = places[(name, None)]
-            files[inside(root, byte_items[name].get("relative_path"), what)] = None
+            byte_items[name] = _place(root, places[(name, None)], f"entry {name!r}")
+            files[byte_items[name][0]] = None
             continue
         fields = _fields(entry, "TensorStorageMetadata", what)
         shape = _sizes(fields.get("size"), f"{what} size")
@@ -160,26 +161,25 @@ def dcp_source(root: Path) -> CheckpointSource:
                 raise GrokpipeError(f"{what}: the chunk at {list(offsets)} has no storage entry")
             parts.append((offsets, sizes, places[(name, offsets)]))
         _check_tiling(name, shape, [(o, s) for o, s, _ in parts], metadata_path)
-        for offsets, _, info in parts:  # every chunk checked before anything is written
-            files[_place(root, info, f"the chunk of {name!r} at {list(offsets)}")[0]] = None
-        first = inside(root, parts[0][2].get("relative_path"), what) if parts else metadata_path
+        parts = [(o, s, _place(root, info, f"the chunk of {name!r} at {list(o)}")) for o, s, info in parts]
+        files.update(dict.fromkeys(place[0] for _, _, place in parts))
+        first = parts[0][2][0] if parts else metadata_path
         tensors[name] = TensorEntry(name, _tensor_dtype(fields.get("properties"), what), shape, first)
         chunks[name] = parts
 
     extras = {}
-    for name, info in byte_items.items():
-        _, value = _read_item(root, info, f"entry {name!r}")
-        extras[name] = json_ready(value)
+    for name, place in byte_items.items():
+        extras[name] = json_ready(_read_item(place))
 
     def read() -> Iterator[tuple[str, torch.Tensor]]:
         for name, entry in tensors.items():
             full = torch.empty(entry.shape, dtype=entry.dtype)
-            for offsets, sizes, info in chunks[name]:
-                path, part = _read_item(root, info, f"a chunk of {name!r}")
+            for offsets, sizes, place in chunks[name]:
+                part = _read_item(place)
                 if not torch.is_tensor(part) or part.dtype != entry.dtype or tuple(part.shape) != sizes:
                     got = f"{part.dtype} {list(part.shape)}" if torch.is_tensor(part) else type(part).__name__
                     raise GrokpipeError(
-                        f"{path}: the chunk of {name!r} at {list(offsets)} is {got}, the metadata says "
+                        f"{place[0]}: the chunk of {name!r} at {list(offsets)} is {got}, the metadata says "
                         f"{entry.dtype} {list(sizes)} (ranks disagree)"
                     )
                 full[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] = part

@@ -227,32 +227,33 @@ def deepspeed_source(root: Path) -> CheckpointSource:
         parts = torch.cat([f[name].reshape(-1) for f in frozen])
         return parts[: math.prod(shape)].view(shape)
 
+    def buffer_tensor(name: str) -> torch.Tensor:
+        tensor = buffers[name]
+        return tensor.float() if tensor.is_floating_point() else tensor
+
+    def trainable_tensor(ranks: _Ranks, pieces, shape) -> torch.Tensor:
+        parts = [ranks.narrow(*piece) for piece in pieces]  # (rank, group, start, length)
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        return flat[: math.prod(shape)].view(shape)
+
+    placed = {name: (pieces, shape) for name, pieces, shape in placements}
+
     def read() -> Iterator[tuple[str, torch.Tensor]]:
         ranks = _Ranks(optim_files, key)
-        for name, tensor in buffers.items():
-            yield name, tensor.float() if tensor.is_floating_point() else tensor
+        for name in buffers:
+            yield name, buffer_tensor(name)
         for name in frozen_shapes:
             yield name, frozen_tensor(name)
-        for name, pieces, shape in placements:
-            parts = [ranks.narrow(rank, group, start, length) for rank, group, start, length in pieces]
-            flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
-            yield name, flat[: math.prod(shape)].view(shape)
+        for name, (pieces, shape) in placed.items():
+            yield name, trainable_tensor(ranks, pieces, shape)
             ranks.done_with_tensor()
         for name, source in tied.items():  # written again as an independent tensor
-            yield name, _again(source)
-
-    def _again(source: str) -> torch.Tensor:
-        if source in buffers:
-            tensor = buffers[source]
-            return tensor.float() if tensor.is_floating_point() else tensor
-        if source in frozen_shapes:
-            return frozen_tensor(source)
-        ranks = _Ranks(optim_files, key)
-        for name, pieces, shape in placements:
-            if name == source:
-                parts = [ranks.narrow(rank, group, start, length) for rank, group, start, length in pieces]
-                return torch.cat(parts)[: math.prod(shape)].view(shape)
-        raise GrokpipeError(f"{directory}: shared parameter source {source!r} not found")
+            if source in buffers:
+                yield name, buffer_tensor(source)
+            elif source in frozen_shapes:
+                yield name, frozen_tensor(source)
+            else:
+                yield name, trainable_tensor(_Ranks(optim_files, key), *placed[source])
 
     files = [root / "latest"] if (root / "latest").is_file() and directory != root else []
     files += model_files + optim_files

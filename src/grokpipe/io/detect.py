@@ -29,10 +29,13 @@ def detect(root: str | Path):
     from .dcp import METADATA, dcp_source
     from .deepspeed import _OPTIM_RE, deepspeed_source
 
+    def single_file(path: Path):  # read as what its bytes are, whatever its name says
+        reader = hf.bin_source if zipfile.is_zipfile(path) else hf.safetensors_source
+        return reader(path.parent, None, path.name)
+
     root = Path(root)
-    if root.is_file():  # one model file: read as what its bytes are
-        reader = hf.bin_source if zipfile.is_zipfile(root) else hf.safetensors_source
-        return reader(root.parent, None, root.name)
+    if root.is_file():
+        return single_file(root)
     if not root.is_dir():
         raise GrokpipeError(f"{root}: no such checkpoint directory or model file")
     if (root / "latest").is_file() or any(_OPTIM_RE.match(p.name) for p in root.iterdir()):
@@ -41,8 +44,7 @@ def detect(root: str | Path):
         return dcp_source(root)
     for name in (hf.SINGLE_SAFETENSORS, hf.SINGLE_BIN):
         if (root / name).exists():
-            pickled = zipfile.is_zipfile(root / name)
-            return hf.bin_source(root, None, name) if pickled else hf.safetensors_source(root, None, name)
+            return single_file(root / name)
     if (root / hf.SAFETENSORS_INDEX).is_file():
         return hf.safetensors_source(root, root / hf.SAFETENSORS_INDEX)
     if (root / hf.BIN_INDEX).is_file():

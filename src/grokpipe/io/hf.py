@@ -11,7 +11,6 @@ shard at a time. Trainer extras beside them (``optimizer.pt``, ``rng_state.pth``
 from __future__ import annotations
 
 import gc
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import GrokpipeError
+from ..loading import read_json
 from ..safetensors_header import HeaderError, read_header
 from .restricted_pickle import numpy_allowlist, safe_torch_load
 from .sources import SAFETENSORS_DTYPES, CheckpointSource, TensorEntry, inside, json_ready
@@ -32,10 +32,7 @@ BIN_ALLOWED = "tensors, containers and numpy scalars"
 
 def read_index(path: Path) -> dict[str, str]:
     """The ``weight_map`` of a Hugging Face index file: tensor name -> shard file name."""
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise GrokpipeError(f"{path}: not a readable index file ({exc})") from None
+    index = read_json(path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise GrokpipeError(f"{path}: no 'weight_map' object naming the shard of each tensor")
@@ -76,12 +73,13 @@ def safetensors_source(root: Path, index_path: Path | None, single: str = SINGLE
     tensors: dict[str, TensorEntry] = {}
     raw: dict[str, tuple[Path, int, int]] = {}
     seen: dict[str, Path] = {}
+    held_by: dict[Path, list[str]] = {}  # shard -> its tensor names, in file order
     for shard, listed in shards.items():
         try:
             header = read_header(shard)
         except HeaderError as exc:
             raise GrokpipeError(f"{shard}: not a valid safetensors file ({exc})") from None
-        held = sorted(header.tensors, key=lambda n: header.tensors[n].offsets)
+        held = held_by[shard] = sorted(header.tensors, key=lambda n: header.tensors[n].offsets)
         _check_shard_names(index_path, shard, listed, held, seen)
         for name in held:
             info = header.tensors[name]
@@ -92,12 +90,11 @@ def safetensors_source(root: Path, index_path: Path | None, single: str = SINGLE
             raw[name] = (shard, data_start + info.offsets[0], data_start + info.offsets[1])
 
     def read() -> Iterator[tuple[str, torch.Tensor]]:
-        for shard in shards:
+        for shard, held in held_by.items():
             try:
                 with safe_open(str(shard), framework="pt", device="cpu") as fh:
-                    for name, entry in tensors.items():
-                        if entry.file == shard:
-                            yield name, fh.get_tensor(name)
+                    for name in held:
+                        yield name, fh.get_tensor(name)
             except (SafetensorError, OSError) as exc:
                 raise GrokpipeError(f"{shard}: not a readable safetensors file ({exc})") from None
 

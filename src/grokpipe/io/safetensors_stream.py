@@ -33,14 +33,22 @@ def output_dtype(entry: TensorEntry, cast: torch.dtype | None) -> torch.dtype:
     return cast if cast is not None and entry.dtype.is_floating_point else entry.dtype
 
 
+def output_nbytes(entry: TensorEntry, cast: torch.dtype | None) -> int:
+    """Bytes of the tensor as written (after ``cast``)."""
+    return entry.nbytes // entry.dtype.itemsize * output_dtype(entry, cast).itemsize
+
+
 def header_bytes(entries: dict[str, TensorEntry], cast: torch.dtype | None, metadata: dict[str, str]) -> bytes:
     """The length prefix and JSON header for ``entries`` laid out in order, padded to 8 bytes."""
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name, entry in entries.items():
-        dtype = output_dtype(entry, cast)
-        end = offset + entry.nbytes // entry.dtype.itemsize * dtype.itemsize
-        header[name] = {"dtype": dtype_name(dtype), "shape": list(entry.shape), "data_offsets": [offset, end]}
+        end = offset + output_nbytes(entry, cast)
+        header[name] = {
+            "dtype": dtype_name(output_dtype(entry, cast)),
+            "shape": list(entry.shape),
+            "data_offsets": [offset, end],
+        }
         offset = end
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
