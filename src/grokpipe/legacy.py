@@ -50,9 +50,8 @@ class LegacyConfig(StandIn):
     """Stand-in for a pickled HookedTransformerConfig: keeps its fields as a plain dict."""
 
     def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2:  # __dict__ plus a slot-state dict
-            state = {**(state[0] or {}), **(state[1] or {})}
-        if not isinstance(state, dict):
+        state = self.merged(state)
+        if not isinstance(state, dict):  # a config pickles its fields, nothing else
             raise TypeError(f"unexpected config state of type {type(state).__name__}")
         self.fields = dict(state)
 

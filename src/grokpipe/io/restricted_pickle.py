@@ -39,10 +39,16 @@ class StandIn:
     def __init__(self, *args, **kwargs):
         pass
 
-    def __setstate__(self, state):
-        # Pickle's BUILD hands over the instance __dict__ (possibly with a slot-state tuple).
+    @staticmethod
+    def merged(state):
+        """Pickle's BUILD state: the instance __dict__, possibly with a slot-state dict beside it
+        (merged into one dict); anything else as it is."""
         if isinstance(state, tuple) and len(state) == 2 and all(isinstance(s, (dict, type(None))) for s in state):
-            state = {**(state[0] or {}), **(state[1] or {})}
+            return {**(state[0] or {}), **(state[1] or {})}
+        return state
+
+    def __setstate__(self, state):
+        state = self.merged(state)
         self.fields = dict(state) if isinstance(state, dict) else {"state": state}
 
     def __repr__(self):
