@@ -6,6 +6,7 @@ from conftest import tiny_config
 from demo_reference import DEMO_MODEL, demo_loop
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from grokpipe import lean_forward
 from grokpipe.config import grid, validate_config
 from grokpipe.data import make_split
 from grokpipe.lean_forward import forward_fn, last_position_logits, unsupported_reason
@@ -40,8 +41,11 @@ def perturbed_model(p, fields):
     return model
 
 
+@pytest.mark.parametrize("composed", [False, True], ids=["cpu-backward", "composed-backward"])
 @pytest.mark.parametrize("fields", CONFIGS, ids=lambda f: f"{f['n_layers']}L-{f.get('act_fn', 'attn_only')}")
-def test_logits_and_gradients_match_hooked_transformer(fields):
+def test_logits_and_gradients_match_hooked_transformer(fields, composed, monkeypatch):
+    """Both backward paths: the hand-written one (CPU) and autograd over torch's ops (other devices)."""
+    monkeypatch.setattr(lean_forward, "_COMPOSED_BACKWARD", composed)
     p = 13
     model = perturbed_model(p, fields)
     assert unsupported_reason(model.cfg) is None
