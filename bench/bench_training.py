@@ -262,23 +262,28 @@ def pipeline_ms(workdir: Path, epochs: int, cores: int) -> tuple[float, dict]:
 
 
 def flop_floor_ms(threads: int) -> tuple[float, float]:
-    """(ms/epoch, GFLOP/s): the folded formulation's FLOPs per epoch (lean_forward's docstring)
+    """(ms/epoch, GFLOP/s): the folded formulation's FLOPs per epoch (grokpipe.folded's docstring)
     over the rate this machine's matrix products reach."""
+    from grokpipe.folded import padded
+
     n_train = int(P * P * FRAC)
     n_test = P * P - n_train
-    d, m, p, heads, head_dim, pos = 128, 512, P, 4, 32, 3
-    attention = pos * heads * head_dim + heads * head_dim * d
-    folded_eval = (pos * heads + 1) * (m + p) + m * p
-    backward = 2 * m * p + 2 * d * (m + p) + 2 * attention
-    macs = n_train * (folded_eval + attention + backward) + n_test * folded_eval
+    d, m, heads, head_dim, pos = 128, 512, 4, 32, 3
+    p_pad, pairs = padded(P), 2 * P + 1  # pairs: a and b at their positions, "=" at the last
+    rows_per_example, width = heads * pos + 1, m + p_pad
+    forward = rows_per_example * width + m * p_pad
+    backward = 2 * m * p_pad + 2 * rows_per_example * width
+    value_rows, head_read = pairs * heads * head_dim * width, heads * head_dim * d * width
+    tables = value_rows + head_read + 2 * pairs * d * heads * head_dim + m * d * P
+    macs = n_train * (forward + backward) + n_test * forward + 3 * tables  # tables: built once, backward twice that
     torch.set_num_threads(threads)
-    a, b = torch.randn(n_test, m), torch.randn(m, p)
+    a, b = torch.randn(n_test, m), torch.randn(m, p_pad)
     for _ in range(3):
         a @ b
     start, reps = time.perf_counter(), 50
     for _ in range(reps):
         a @ b
-    rate = 2 * n_test * m * p * reps / (time.perf_counter() - start)
+    rate = 2 * n_test * m * p_pad * reps / (time.perf_counter() - start)
     return 2 * macs / rate * 1000, rate / 1e9
 
 

@@ -6,7 +6,7 @@ from conftest import tiny_config
 from demo_reference import DEMO_MODEL, demo_loop
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from grokpipe import lean_forward
+from grokpipe import folded
 from grokpipe.config import grid, validate_config
 from grokpipe.data import make_split
 from grokpipe.lean_forward import forward_fn, last_position_logits, unsupported_reason
@@ -45,7 +45,7 @@ def perturbed_model(p, fields):
 @pytest.mark.parametrize("fields", CONFIGS, ids=lambda f: f"{f['n_layers']}L-{f.get('act_fn', 'attn_only')}")
 def test_logits_and_gradients_match_hooked_transformer(fields, composed, monkeypatch):
     """Both backward paths: the hand-written one (CPU) and autograd over torch's ops (other devices)."""
-    monkeypatch.setattr(lean_forward, "_COMPOSED_BACKWARD", composed)
+    monkeypatch.setattr(folded, "COMPOSED_BACKWARD", composed)
     p = 13
     model = perturbed_model(p, fields)
     assert unsupported_reason(model.cfg) is None
@@ -119,3 +119,36 @@ def test_eval_every_records_null_for_skipped_epochs(tmp_path):
     assert evaluated == [3, 7, 9, 11, 15, 19, 22]  # every 4th, every checkpoint, and the last epoch
     assert len(meta["test_losses"]) == len(meta["train_losses"]) == 23
     assert meta["eval_every"] == 4 and all(loss is not None for loss in meta["train_losses"])
+
+
+def test_tables_are_built_once_per_parameter_update(monkeypatch):
+    """An evaluation builds the tables; the next training step on the same parameters reuses them
+    (same gradients, bit for bit, as building them afresh); an optimizer step makes them stale."""
+    p = 13
+    model = perturbed_model(p, CONFIGS[0])
+    split = make_split(p, 0.4, 598)
+    builds = []
+    real_build = folded.build_tables
+    monkeypatch.setattr(folded, "build_tables", lambda *a: builds.append(1) or real_build(*a))
+
+    def gradients(forward):
+        model.zero_grad()
+        loss_fn(forward(split.train_tokens), split.train_labels).backward()
+        return {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+    fresh = gradients(forward_fn(model, "lean", (split.train_tokens, split.test_tokens)))
+    forward = forward_fn(model, "lean", (split.train_tokens, split.test_tokens))
+    with torch.inference_mode():
+        evaluated = forward(split.test_tokens)
+    assert torch.equal(evaluated, model(split.test_tokens)[:, -1]) or torch.allclose(
+        evaluated, model(split.test_tokens)[:, -1], rtol=1e-5, atol=1e-5
+    )
+    builds.clear()
+    reused = gradients(forward)
+    assert builds == [] and fresh.keys() == reused.keys()
+    assert all(torch.equal(fresh[n], reused[n]) for n in fresh)
+    assert gradients(forward).keys() == fresh.keys() and builds == [1]  # a second step without an update
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    with torch.inference_mode():
+        after = forward(split.test_tokens)
+    assert len(builds) == 2 and torch.allclose(after, model(split.test_tokens)[:, -1], rtol=1e-5, atol=1e-5)

@@ -81,7 +81,8 @@ def test_recorded_test_loss_recomputes_from_checkpoint_weights(tmp_path):
     for epoch in meta["checkpoint_epochs"]:
         model = grokpipe.load_model(run, epoch=epoch)
         with torch.inference_mode():
-            same_forward = loss_fn(forward_fn(model, "lean")(split.test_tokens), split.test_labels).item()
+            forward = forward_fn(model, "lean", (split.train_tokens, split.test_tokens))  # as train() builds it
+            same_forward = loss_fn(forward(split.test_tokens), split.test_labels).item()
             hooked = loss_fn(model(split.test_tokens), split.test_labels).item()
         assert same_forward == meta["test_losses"][epoch]  # bit-exact with the forward that trained it
         assert hooked == pytest.approx(meta["test_losses"][epoch], rel=1e-5)  # and HookedTransformer agrees

@@ -40,8 +40,8 @@ from .atomic import write_bytes_atomic, write_json_atomic
 from .config import progress_unsupported_reason
 from .data import all_pairs
 from .errors import GrokpipeError
+from .folded import ACTIVATIONS, single_layer_resid_mid
 from .layout import RunLayout
-from .lean_forward import ACTIVATIONS, single_layer_resid_mid
 from .model import config_from_json, empty_model, loss_fn
 
 COLUMNS = (

@@ -1,0 +1,319 @@
+"""The folded one-layer forward: HookedTransformer's last-position logits from small tables.
+
+With one layer the layer input is the embedding alone, so keys, values and queries are functions of
+(position, token) and everything before the MLP comes from tables. With read = [W_in | W_U]
+(d_model × (d_mlp + p)), ``resid_mid @ read`` is, per example, the row of its last token
+(embedding + b_O, times read, plus biases) plus, for each head and position, the attention weight
+times the row of that (head, position, token): its value times W_O[h] times read. So the MLP input
+and the direct logits are a weighted sum of K = H·P + 1 table rows, and the MLP output reaches the
+logits through folded = W_out @ W_U, one d_mlp × p matrix.
+
+The tables are built with autograd from the HookedTransformer's own parameters (it stays the model
+of record: same state dict, optimizer, checkpoints), so every gradient reaches them; the weighted
+row sum and the MLP have one hand-written backward (:class:`_FoldedLogits`) whose cost scales with
+the table rows, not with the batch.
+
+Multiply-accumulates per example (P = 3 positions, H heads of E dims, d = d_model, m = d_mlp,
+p' = p padded to a multiple of 16, W = m + p'; the demo: H = 4, E = 32, d = 128, m = 512, p = 113,
+p' = 128, K = 13, W = 640) and per table build (U (position, token) pairs occur, 227 at p = 113):
+
+========================  ==============================  =========================
+                          terms                           the demo
+========================  ==============================  =========================
+forward, per example      K·W + m·p'                      73.9 K
+backward, per example     2·m·p' + 2·K·W                  147.7 K
+tables, forward           U·H·E·W + H·E·d·W + 2·U·d·H·E   44 M (once per update)
+                          + m·d·p
+tables, backward          twice the forward               88 M
+========================  ==============================  =========================
+
+An epoch at p = 113, 30 % train (3,830 examples trained, 8,939 evaluated) is 1.64 G MACs (3.3
+GFLOP): the tables are built once per parameter update and shared by the evaluation and the next
+training step (:class:`LeanForward`). HookedTransformer's full forward and backward is ~6 G MACs.
+bench/bench_training.py prints the floor this gives at the matrix-product rate of the machine it
+runs on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import LEAN_ACT_FNS
+
+ACTIVATIONS = {name: getattr(F, name) for name in LEAN_ACT_FNS}  # torch.nn.functional.relu, ...
+COMPOSED_BACKWARD = False  # tests set it to check, on the CPU, the backward other devices take
+BLOCK = 512  # examples per block when evaluating on the CPU
+
+
+def padded(n: int) -> int:
+    """Width of the logit columns in the folded products: a multiple of 16 floats (64 bytes). At
+    p = 113 this makes the largest product ~25 % faster with MKL, more than the 13 % extra (zero)
+    columns cost."""
+    return -(-n // 16) * 16
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """Which (position, token) pairs and last tokens the tables hold: those that occur in the
+    token tensors it covers (at p = 113: 227 pairs and one last token, "=")."""
+
+    n_vocab: int
+    n_heads: int
+    n_pos: int  # tokens per example; the query is the last
+    pair_ids: torch.Tensor  # (U,), sorted: position * n_vocab + token
+    query_tok: torch.Tensor  # (Q,), sorted
+
+    @classmethod
+    def covering(cls, token_sets, n_vocab: int, n_heads: int) -> TableLayout:
+        (n_pos,) = {tokens.shape[1] for tokens in token_sets}
+        pairs = [_pair_ids(tokens, n_vocab).reshape(-1) for tokens in token_sets]
+        queries = [tokens[:, -1] for tokens in token_sets]
+        return cls(n_vocab, n_heads, n_pos, torch.unique(torch.cat(pairs)), torch.unique(torch.cat(queries)))
+
+    @property
+    def n_rows(self) -> int:
+        """(head, pair) value rows, head-major, then one row per last token."""
+        return self.n_heads * len(self.pair_ids) + len(self.query_tok)
+
+
+def _pair_ids(tokens: torch.Tensor, n_vocab: int) -> torch.Tensor:
+    return torch.arange(tokens.shape[1], device=tokens.device) * n_vocab + tokens
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """Where each example's rows sit in the tables of ``layout``; depends only on the tokens, so a
+    run builds it once per token tensor."""
+
+    layout: TableLayout
+    n_examples: int
+    pair_index: torch.Tensor  # (B, P): each example's pairs
+    query_index: torch.Tensor  # (B,): its last token
+    score_index: torch.Tensor  # (P·B,): column of the (H, U·Q) score table, position-major
+    row_index: torch.Tensor  # (B, H·P + 1): its value rows (h·U + pair), then its last token's row
+    # row_index read the other way: each row's first entry, the examples in row order, that order
+    by_row: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+    @classmethod
+    def build(cls, tokens: torch.Tensor, layout: TableLayout) -> TokenPlan:
+        if tokens.shape[1] != layout.n_pos:
+            raise ValueError(f"tokens have {tokens.shape[1]} positions, the table layout {layout.n_pos}")
+        n_batch = len(tokens)
+        ids = _pair_ids(tokens, layout.n_vocab)
+        pair_index = torch.searchsorted(layout.pair_ids, ids)
+        query_index = torch.searchsorted(layout.query_tok, tokens[:, -1].contiguous())
+        n_pairs = len(layout.pair_ids)
+        if (pair_index >= n_pairs).any() or (layout.pair_ids[pair_index.clamp(max=n_pairs - 1)] != ids).any():
+            raise ValueError("tokens hold (position, token) pairs the table layout does not cover")
+        heads = torch.arange(layout.n_heads, device=tokens.device)
+        # Ascending within each example (pairs are sorted by position first): a valid CSR row.
+        value_rows = (heads[:, None] * n_pairs + pair_index[:, None, :]).reshape(n_batch, -1)
+        row_index = torch.cat([value_rows, layout.n_heads * n_pairs + query_index[:, None]], dim=1)
+        flat = row_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        starts = torch.zeros(layout.n_rows, dtype=torch.int64, device=tokens.device)
+        starts[1:] = torch.bincount(flat, minlength=layout.n_rows).cumsum(0)[:-1]
+        return cls(
+            layout=layout,
+            n_examples=n_batch,
+            pair_index=pair_index,
+            query_index=query_index,
+            score_index=(pair_index * len(layout.query_tok) + query_index[:, None]).T.reshape(-1),
+            row_index=row_index,
+            by_row=(starts, order // row_index.shape[1], order),
+        )
+
+
+@dataclass
+class Tables:
+    """What the folded forward reads, as functions of the parameters only (head-major, so the
+    per-head products are batched products over contiguous blocks)."""
+
+    layout: TableLayout
+    query_embed: torch.Tensor  # (Q, d_model): embedding + position of each last token
+    values: torch.Tensor  # (H, U, E): value of each pair per head
+    score_tab: torch.Tensor  # (H, U·Q): attention score of each pair's key for each last token
+    rows: torch.Tensor | None = None  # (n_rows, W): [MLP input | direct logits] per table row
+    folded: torch.Tensor | None = None  # (d_mlp, p'): W_out @ W_U, zero-padded
+
+
+def attention_tables(model, layout: TableLayout) -> Tables:
+    """Embeddings, values and attention scores of every pair and last token of ``layout``."""
+    attn = model.blocks[0].attn
+    W_E, W_pos = model.embed.W_E, model.pos_embed.W_pos
+    pair_embed = W_E[layout.pair_ids % layout.n_vocab] + W_pos[layout.pair_ids // layout.n_vocab]
+    query_embed = W_E[layout.query_tok] + W_pos[layout.n_pos - 1]
+    keys = torch.matmul(pair_embed, attn.W_K) + attn.b_K[:, None]  # (H, U, E)
+    values = torch.matmul(pair_embed, attn.W_V) + attn.b_V[:, None]
+    queries = torch.matmul(query_embed, attn.W_Q) + attn.b_Q[:, None]  # (H, Q, E)
+    score_tab = torch.bmm(keys, queries.transpose(1, 2)) / attn.attn_scale  # (H, U, Q)
+    return Tables(layout, query_embed, values, score_tab.reshape(len(score_tab), -1))
+
+
+def build_tables(model, layout: TableLayout) -> Tables:
+    """:func:`attention_tables` plus the folded rows and, with an MLP, ``W_out @ W_U``."""
+    cfg, attn = model.cfg, model.blocks[0].attn
+    tables = attention_tables(model, layout)
+    W_U, b_U = model.unembed.W_U, model.unembed.b_U
+    pad = padded(W_U.shape[1]) - W_U.shape[1]
+    if cfg.attn_only:
+        read, bias = W_U, b_U
+    else:
+        mlp = model.blocks[0].mlp
+        read = F.pad(torch.cat([mlp.W_in, W_U], dim=1), (0, pad))
+        bias = F.pad(torch.cat([mlp.b_in, mlp.b_out @ W_U + b_U]), (0, pad))
+        tables.folded = F.pad(mlp.W_out @ W_U, (0, pad))
+    head_read = (attn.W_O.reshape(-1, attn.W_O.shape[-1]) @ read).view(cfg.n_heads, cfg.d_head, -1)  # W_O[h] @ read
+    value_rows = torch.bmm(tables.values, head_read)  # (H, U, W)
+    token_rows = torch.addmm(bias, tables.query_embed + attn.b_O, read)  # (Q, W)
+    tables.rows = torch.cat([value_rows.reshape(-1, read.shape[1]), token_rows])
+    return tables
+
+
+def attention_pattern(tables: Tables, plan: TokenPlan) -> torch.Tensor:
+    """(H, P, B): the last query's attention over positions (it sees every position)."""
+    n_batch, n_pos = plan.pair_index.shape
+    scores = tables.score_tab.index_select(1, plan.score_index)  # (H, P·B)
+    # Softmax over positions with the batch innermost: ~8x faster than over a last dim of P = 3.
+    return scores.view(-1, n_pos, n_batch).softmax(dim=1)
+
+
+def resid_mid(model, tables: Tables, plan: TokenPlan) -> torch.Tensor:
+    """Residual stream after attention at the last position, (B, d_model)."""
+    attn = model.blocks[0].attn
+    pattern = attention_pattern(tables, plan)
+    v = tables.values[:, plan.pair_index]  # (H, B, P, E)
+    z = (pattern.transpose(1, 2).unsqueeze(-1) * v).sum(dim=2)  # (H, B, E)
+    x = (tables.query_embed + attn.b_O)[plan.query_index]
+    return torch.addmm(x, z.transpose(0, 1).reshape(plan.n_examples, -1), attn.W_O.reshape(-1, attn.W_O.shape[-1]))
+
+
+def single_layer_resid_mid(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Residual stream after attention at the last position, (batch, d_model), of a one-layer
+    model: only the attention-weighted sum and ``W_O`` run per example."""
+    layout = TableLayout.covering([tokens], model.cfg.d_vocab, model.cfg.n_heads)
+    return resid_mid(model, attention_tables(model, layout), TokenPlan.build(tokens, layout))
+
+
+def logits(model, tables: Tables, plan: TokenPlan) -> torch.Tensor:
+    """Last-position logits, (B, d_vocab_out), from tables made by :func:`build_tables`."""
+    cfg = model.cfg
+    n_out = model.unembed.W_U.shape[1]
+    pattern = attention_pattern(tables, plan)
+    # Each example's weights in its rows' order (head, position), then 1 for its last token's row.
+    weights = F.pad(pattern.permute(2, 0, 1).reshape(plan.n_examples, -1), (0, 1), value=1.0)
+    rows, folded = tables.rows, tables.folded
+    # The hand-written backward serves the CPU; elsewhere autograd composes torch's own ops.
+    custom = torch.is_grad_enabled() and rows.device.type == "cpu" and not COMPOSED_BACKWARD
+    if cfg.attn_only:
+        return _RowSum.apply(rows, weights, plan) if custom else _row_sum(rows, weights, plan)
+    if custom:
+        return _FoldedLogits.apply(rows, weights, folded, plan, cfg.act_fn)[:, :n_out]
+    act = ACTIVATIONS[cfg.act_fn]
+    if not torch.is_grad_enabled():
+        return _evaluate(rows, weights, folded, plan, act)[:, :n_out]
+    out = _row_sum(rows, weights, plan)
+    return torch.addmm(out[:, cfg.d_mlp :], act(out[:, : cfg.d_mlp]), folded)[:, :n_out]
+
+
+def _row_sum(rows, weights, plan: TokenPlan, part: slice = slice(None)):
+    """``out[b] = sum_j weights[b, j] * rows[row_index[b, j]]``, for the examples in ``part``
+    (``weights`` are theirs)."""
+    return F.embedding_bag(plan.row_index[part], rows, per_sample_weights=weights, mode="sum")
+
+
+def _row_sum_backward(grad, rows, weights, plan: TokenPlan):
+    """Gradients of :func:`_row_sum` for rows and weights, in work that scales with the rows.
+
+    The rows' gradient is the same weighted sum read the other way (one bag of examples per row,
+    again an embedding_bag); the weights' gradient is the dot products at the (example, row) pairs
+    only (an SDDMM). torch's own embedding_bag backward does this several times slower on the CPU.
+    """
+    starts, examples, order = plan.by_row
+    grad_rows = F.embedding_bag(examples, grad, starts, mode="sum", per_sample_weights=weights.reshape(-1)[order])
+    n_per_example = plan.row_index.shape[1]
+    crow = torch.arange(0, weights.numel() + 1, n_per_example, device=grad.device)
+    with warnings.catch_warnings():  # torch says once per process that sparse CSR is "beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pairs = torch.sparse_csr_tensor(
+            crow, plan.row_index.reshape(-1), weights.reshape(-1), (plan.n_examples, len(rows)), check_invariants=False
+        )
+    grad_weights = torch.sparse.sampled_addmm(pairs, grad, rows.T, beta=0.0).values().view_as(weights)
+    return grad_rows, grad_weights
+
+
+class _RowSum(torch.autograd.Function):
+    """:func:`_row_sum` with :func:`_row_sum_backward` (attention-only models)."""
+
+    @staticmethod
+    def forward(ctx, rows, weights, plan: TokenPlan):
+        ctx.save_for_backward(rows, weights)
+        ctx.plan = plan
+        return _row_sum(rows, weights, plan)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weights = ctx.saved_tensors
+        return *_row_sum_backward(grad.contiguous(), rows, weights, ctx.plan), None
+
+
+_aten = torch.ops.aten
+_ACT_BACKWARD = {  # (grad, act's input, act's output, grad_input=out) -> gradient at the input, into out
+    "relu": lambda grad, pre, hidden, out: _aten.threshold_backward.grad_input(grad, hidden, 0, grad_input=out),
+    "gelu": lambda grad, pre, hidden, out: _aten.gelu_backward.grad_input(grad, pre, grad_input=out),
+    "silu": lambda grad, pre, hidden, out: _aten.silu_backward.grad_input(grad, pre, grad_input=out),
+}
+
+
+class _FoldedLogits(torch.autograd.Function):
+    """``logits = direct + act(pre) @ folded`` where ``out = row_sum(rows, weights)`` holds
+    [pre | direct] per example, with one hand-written backward.
+
+    One function, so the activation runs in place and the gradient of ``out`` is assembled in one
+    buffer (autograd would zero-fill and add a full-size gradient for each of the column slices).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weights, folded, plan: TokenPlan, act_fn: str):
+        out = _row_sum(rows, weights, plan)
+        d_mlp = folded.shape[0]
+        pre, direct = out[:, :d_mlp], out[:, d_mlp:]
+        if act_fn == "relu":  # its backward needs only the output: overwrite the input
+            hidden, pre = pre.relu_(), None
+        else:
+            hidden = ACTIVATIONS[act_fn](pre)
+        ctx.save_for_backward(rows, weights, folded, pre, hidden)
+        ctx.plan, ctx.act_fn = plan, act_fn
+        return torch.addmm(direct, hidden, folded)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weights, folded, pre, hidden = ctx.saved_tensors
+        grad = grad.contiguous()
+        d_mlp = folded.shape[0]
+        grad_out = torch.empty(len(grad), rows.shape[1], dtype=grad.dtype, device=grad.device)
+        _ACT_BACKWARD[ctx.act_fn](grad @ folded.T, pre, hidden, grad_out[:, :d_mlp])
+        grad_out[:, d_mlp:] = grad
+        grad_folded = hidden.T @ grad
+        grad_rows, grad_weights = _row_sum_backward(grad_out, rows, weights, ctx.plan)
+        return grad_rows, grad_weights, grad_folded, None, None
+
+
+def _evaluate(rows, weights, folded, plan: TokenPlan, act):
+    """``direct + act(pre) @ folded`` with no graph, the activation in place, in blocks of examples
+    on the CPU: a block's [pre | direct] (1.3 MB at the demo's size) stays in cache from the row
+    sum to the product, ~20 % faster than whole-batch passes."""
+    d_mlp, n = folded.shape[0], plan.n_examples
+    block = BLOCK if rows.device.type == "cpu" else max(n, 1)
+    result = torch.empty(n, folded.shape[1], dtype=rows.dtype, device=rows.device)
+    for start in range(0, n, block):
+        part = slice(start, start + block)
+        out = _row_sum(rows, weights[part], plan, part)
+        pre = out[:, :d_mlp]
+        hidden = pre.relu_() if act is F.relu else act(pre)
+        torch.addmm(out[:, d_mlp:], hidden, folded, out=result[part])
+    return result
