@@ -152,3 +152,25 @@ def test_tables_are_built_once_per_parameter_update(monkeypatch):
     with torch.inference_mode():
         after = forward(split.test_tokens)
     assert len(builds) == 2 and torch.allclose(after, model(split.test_tokens)[:, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("margin", [0.0, 10.0, 25.0])
+def test_lean_cross_entropy_matches_the_demo_loss(margin):
+    """Float32 exponentials, float64 sums: the demo's loss to float32 rounding, from uncertain to
+    very confident predictions (where the demo's 1 - softmax cancels, ours keeps the label's gradient)."""
+    from grokpipe.lean_forward import cross_entropy
+
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(500, 113, generator=generator)
+    labels = torch.randint(0, 113, (500,), generator=generator)
+    logits[torch.arange(500), labels] += margin
+    ours, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    value, expected = cross_entropy(ours, labels), loss_fn(ref, labels)
+    assert value.dtype == torch.float64 and value.item() == pytest.approx(expected.item(), rel=1e-8)
+    value.backward()
+    expected.backward()
+    others = torch.ones_like(logits, dtype=torch.bool)
+    others[torch.arange(500), labels] = False
+    assert torch.allclose(ours.grad[others], ref.grad[others], rtol=1e-5, atol=0)
+    assert torch.allclose(ours.grad[~others], ref.grad[~others], rtol=1e-5 if margin < 20 else 1e-2, atol=0)
+    assert (ours.grad[~others] < 0).all()  # the label's gradient survives however confident

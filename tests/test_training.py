@@ -13,7 +13,7 @@ from grokpipe import resume
 from grokpipe.config import grid, validate_config
 from grokpipe.data import make_split
 from grokpipe.layout import RunLayout
-from grokpipe.lean_forward import forward_fn
+from grokpipe.lean_forward import forward_fn, loss_for
 from grokpipe.model import loss_fn
 from grokpipe.safetensors_io import read_metadata
 from grokpipe.train import grokking_epoch, train
@@ -82,7 +82,7 @@ def test_recorded_test_loss_recomputes_from_checkpoint_weights(tmp_path):
         model = grokpipe.load_model(run, epoch=epoch)
         with torch.inference_mode():
             forward = forward_fn(model, "lean", (split.train_tokens, split.test_tokens))  # as train() builds it
-            same_forward = loss_fn(forward(split.test_tokens), split.test_labels).item()
+            same_forward = loss_for("lean")(forward(split.test_tokens), split.test_labels).item()
             hooked = loss_fn(model(split.test_tokens), split.test_labels).item()
         assert same_forward == meta["test_losses"][epoch]  # bit-exact with the forward that trained it
         assert hooked == pytest.approx(meta["test_losses"][epoch], rel=1e-5)  # and HookedTransformer agrees

@@ -146,6 +146,46 @@ class LeanForward:
         return kept[1]
 
 
+class _CrossEntropy(torch.autograd.Function):
+    """The demo's loss (mean of −log_softmax at the label, in float64) to float32 rounding, in
+    about half the time: the exponentials of the max-shifted logits (each ≤ 1) are float32, their
+    sums, logs and the label's gradient float64. The label's gradient is −(the other classes'
+    exponentials) / sum, exact where 1 − softmax cancels (the demo loses it below ~1e-13)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels):
+        top = logits.amax(dim=-1, keepdim=True)
+        exps = (logits - top).exp_()
+        sums = exps.sum(dim=-1, dtype=torch.float64)
+        picked = logits.gather(1, labels[:, None])[:, 0]
+        ctx.save_for_backward(exps, sums, labels)
+        return (top[:, 0].double() - picked.double() + sums.log()).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        exps, sums, labels = ctx.saved_tensors
+        scale = grad / len(exps)
+        rows = torch.arange(len(exps), device=exps.device)
+        others = sums - exps[rows, labels].double()
+        label_grad = (-(others / sums) * scale).to(exps.dtype)
+        grad_logits = exps.mul_((scale / sums).to(exps.dtype)[:, None])  # softmax × scale
+        grad_logits[rows, labels] = label_grad
+        return grad_logits, None
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The lean implementation's loss: see :class:`_CrossEntropy`."""
+    return _CrossEntropy.apply(logits, labels)
+
+
+def loss_for(implementation: str):
+    """The loss an implementation trains and evaluates with: the demo's own for
+    ``hooked_transformer`` (bit-exact to the demo), :func:`cross_entropy` for ``lean``."""
+    from .model import loss_fn
+
+    return cross_entropy if implementation == "lean" else loss_fn
+
+
 def forward_fn(model, implementation: str, token_sets=()):
     """The callable training uses: tokens -> last-position logits (``token_sets``: the token
     tensors it will be called with, see :class:`LeanForward`)."""

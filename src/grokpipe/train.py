@@ -28,8 +28,8 @@ from .config import RunSpec
 from .data import make_split
 from .errors import GrokpipeError
 from .layout import RunLayout
-from .lean_forward import forward_fn, unsupported_reason
-from .model import config_to_json, loss_fn, resolve_device, training_model
+from .lean_forward import forward_fn, loss_for, unsupported_reason
+from .model import config_to_json, resolve_device, training_model
 from .safetensors_io import first_difference, provenance, read_metadata, read_tensors, serialize_state_dict
 from .writer_lock import writer_lock
 
@@ -179,6 +179,7 @@ def _train_locked(spec: RunSpec, run_dir: Path, device: str, threads: int, thres
         log.info("%s: lean forward does not support this model (%s); using HookedTransformer", layout.name, unsupported)
     implementation = "hooked_transformer" if unsupported else t.implementation
     forward = forward_fn(model, implementation, token_sets=(split.train_tokens, split.test_tokens))
+    loss_fn = loss_for(implementation)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=t.betas)
     hooked_config = config_to_json(model.cfg)
 

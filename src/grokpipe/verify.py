@@ -267,8 +267,7 @@ def segment_of(metadata: dict, epoch: int) -> dict:
 
 def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, loaded: dict, recompute) -> None:
     from .data import all_pairs
-    from .lean_forward import forward_fn
-    from .model import loss_fn
+    from .lean_forward import forward_fn, loss_for
 
     prime, test_losses = metadata.get("prime"), metadata.get("test_losses")
     try:
@@ -293,7 +292,8 @@ def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, 
         # thread count or device between segments); bit-exact only for grokpipe's own CPU training.
         env = segment_of(metadata, epoch)
         rel_tol, abs_tol = SAME_MACHINE_TOLERANCE if trained and env.get("device") == "cpu" else OTHER_MACHINE_TOLERANCE
-        forward = forward_fn(model, env.get("implementation") or "hooked_transformer")
+        implementation = env.get("implementation") or "hooked_transformer"
+        forward, loss_fn = forward_fn(model, implementation), loss_for(implementation)
         with _threads(env.get("threads")), torch.inference_mode():
             model.load_state_dict(loaded["states"][epoch], strict=True)
             value = loss_fn(forward(test_tokens), test_labels).item()
