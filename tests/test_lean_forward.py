@@ -16,6 +16,7 @@ from grokpipe.train import train
 CONFIGS = [
     dict(n_layers=1, n_heads=4, d_model=128, d_head=32, d_mlp=512, act_fn="relu"),  # the demo's
     dict(n_layers=1, n_heads=2, d_model=32, d_head=8, d_mlp=48, act_fn="gelu"),
+    dict(n_layers=1, n_heads=2, d_model=16, d_head=8, d_mlp=24, act_fn="silu"),
     dict(n_layers=1, n_heads=3, d_model=24, d_head=8, attn_only=True),
     dict(n_layers=2, n_heads=2, d_model=32, d_head=16, d_mlp=64, act_fn="silu"),
     dict(n_layers=3, n_heads=1, d_model=16, d_head=16, attn_only=True),

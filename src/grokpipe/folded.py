@@ -262,10 +262,10 @@ class _RowSum(torch.autograd.Function):
 
 
 _aten = torch.ops.aten
-_ACT_BACKWARD = {  # (grad, act's input, act's output, grad_input=out) -> gradient at the input, into out
-    "relu": lambda grad, pre, hidden, out: _aten.threshold_backward.grad_input(grad, hidden, 0, grad_input=out),
-    "gelu": lambda grad, pre, hidden, out: _aten.gelu_backward.grad_input(grad, pre, grad_input=out),
-    "silu": lambda grad, pre, hidden, out: _aten.silu_backward.grad_input(grad, pre, grad_input=out),
+_ACT_BACKWARD = {  # (grad at the output, act's input, act's output) -> gradient at the input, in place of grad
+    "relu": lambda grad, pre, hidden: _aten.threshold_backward.grad_input(grad, hidden, 0, grad_input=grad),
+    "gelu": lambda grad, pre, hidden: _aten.gelu_backward.grad_input(grad, pre, grad_input=grad),
+    "silu": lambda grad, pre, hidden: _aten.silu_backward.grad_input(grad, pre, grad_input=grad),
 }
 
 
@@ -296,7 +296,8 @@ class _FoldedLogits(torch.autograd.Function):
         grad = grad.contiguous()
         d_mlp = folded.shape[0]
         grad_out = torch.empty(len(grad), rows.shape[1], dtype=grad.dtype, device=grad.device)
-        _ACT_BACKWARD[ctx.act_fn](grad @ folded.T, pre, hidden, grad_out[:, :d_mlp])
+        torch.mm(grad, folded.T, out=grad_out[:, :d_mlp])  # the product writes straight into its columns
+        _ACT_BACKWARD[ctx.act_fn](grad_out[:, :d_mlp], pre, hidden)
         grad_out[:, d_mlp:] = grad
         grad_folded = hidden.T @ grad
         grad_rows, grad_weights = _row_sum_backward(grad_out, rows, weights, ctx.plan)
