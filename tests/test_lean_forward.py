@@ -154,6 +154,20 @@ def test_tables_are_built_once_per_parameter_update(monkeypatch):
         after = forward(split.test_tokens)
     assert len(builds) == 2 and torch.allclose(after, model(split.test_tokens)[:, -1], rtol=1e-5, atol=1e-5)
 
+    # A fused optimizer changes parameters without their version counters: its step hook tells.
+    fused = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    forward = forward_fn(model, "lean", (split.train_tokens, split.test_tokens), fused)
+    with torch.inference_mode():
+        forward(split.test_tokens)
+    gradients(forward)  # fills .grad for the step
+    versions = [q._version for q in model.parameters()]
+    fused.step()
+    assert versions == [q._version for q in model.parameters()]
+    builds.clear()
+    with torch.inference_mode():
+        after = forward(split.test_tokens)
+    assert builds == [1] and torch.allclose(after, model(split.test_tokens)[:, -1], rtol=1e-5, atol=1e-5)
+
 
 @pytest.mark.parametrize("margin", [0.0, 10.0, 25.0])
 def test_lean_cross_entropy_matches_the_demo_loss(margin):

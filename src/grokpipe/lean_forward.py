@@ -107,12 +107,13 @@ class LeanForward:
     per tensor, built once. The tables are functions of the parameters, so they are built once per
     parameter update: an evaluation builds them (with their graph) and the next training step,
     on the same parameters, reads and backpropagates through them instead of building them again.
-    A parameter update is seen through the parameters' version counters, which every in-place
-    tensor operation (optimizer steps, ``load_state_dict``) advances. Other tensors are planned
-    on their own each call.
+    They are dropped at every step of ``optimizer`` (its step hook: fused optimizers change
+    parameters without the version counters seeing it) and whenever the parameters' version
+    counters or storage change (``load_state_dict``, any in-place tensor operation). Other tensors
+    are planned on their own each call.
     """
 
-    def __init__(self, model, token_sets=()):
+    def __init__(self, model, token_sets=(), optimizer=None):
         self.model = model
         self.token_sets = tuple(token_sets)
         self.layout = None
@@ -122,6 +123,11 @@ class LeanForward:
                 self.layout = TableLayout.covering(self.token_sets, model.cfg.d_vocab, model.cfg.n_heads)
                 self.plans = [TokenPlan.build(tokens, self.layout) for tokens in self.token_sets]
         self._kept = None  # (parameter versions, tables) built by an evaluation
+        if optimizer is not None:
+            optimizer.register_step_post_hook(self._forget)
+
+    def _forget(self, *_) -> None:
+        self._kept = None
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         known = next((i for i, t in enumerate(self.token_sets) if t is tokens), None)
@@ -186,9 +192,10 @@ def loss_for(implementation: str):
     return cross_entropy if implementation == "lean" else loss_fn
 
 
-def forward_fn(model, implementation: str, token_sets=()):
+def forward_fn(model, implementation: str, token_sets=(), optimizer=None):
     """The callable training uses: tokens -> last-position logits (``token_sets``: the token
-    tensors it will be called with, see :class:`LeanForward`)."""
+    tensors it will be called with; ``optimizer``: the one updating the parameters; see
+    :class:`LeanForward`)."""
     if implementation == "lean" and unsupported_reason(model.cfg) is None:
-        return LeanForward(model, token_sets)
+        return LeanForward(model, token_sets, optimizer)
     return lambda tokens: model(tokens)[:, -1]

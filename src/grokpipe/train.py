@@ -178,9 +178,9 @@ def _train_locked(spec: RunSpec, run_dir: Path, device: str, threads: int, thres
     if unsupported:
         log.info("%s: lean forward does not support this model (%s); using HookedTransformer", layout.name, unsupported)
     implementation = "hooked_transformer" if unsupported else t.implementation
-    forward = forward_fn(model, implementation, token_sets=(split.train_tokens, split.test_tokens))
-    loss_fn = loss_for(implementation)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=t.betas)
+    forward = forward_fn(model, implementation, (split.train_tokens, split.test_tokens), optimizer)
+    loss_fn = loss_for(implementation)
     hooked_config = config_to_json(model.cfg)
 
     loaded, why = resume.load(layout, spec.config_hash, t.num_epochs)
