@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore")
 
 import grokpipe
 from grokpipe.config import grid, validate_config
-from grokpipe.train import train
+from grokpipe.training.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from demo_reference import DEMO_MODEL  # noqa: E402

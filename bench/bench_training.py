@@ -37,13 +37,13 @@ import yaml
 warnings.filterwarnings("ignore")
 
 import grokpipe  # noqa: E402
-from grokpipe import resume  # noqa: E402
-from grokpipe import train as train_module
 from grokpipe.cli import _keep_freed_memory_in_process  # noqa: E402
 from grokpipe.config import grid, is_prime, validate_config  # noqa: E402
-from grokpipe.data import make_split  # noqa: E402
-from grokpipe.legacy import safe_load  # noqa: E402
-from grokpipe.model import freeze_biases, loss_fn  # noqa: E402
+from grokpipe.io.legacy import safe_load  # noqa: E402
+from grokpipe.training import resume  # noqa: E402
+from grokpipe.training import train as train_module
+from grokpipe.training.data import make_split  # noqa: E402
+from grokpipe.training.model import freeze_biases, loss_fn  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 P, FRAC = 113, 0.3
@@ -263,9 +263,9 @@ def pipeline_ms(workdir: Path, epochs: int, cores: int) -> tuple[float, dict]:
 
 
 def flop_floor_ms(threads: int) -> tuple[float, float]:
-    """(ms/epoch, GFLOP/s): the folded formulation's FLOPs per epoch (grokpipe.folded's docstring)
+    """(ms/epoch, GFLOP/s): the folded formulation's FLOPs per epoch (grokpipe.training.folded's docstring)
     over the rate this machine's matrix products reach."""
-    from grokpipe.folded import padded
+    from grokpipe.training.folded import padded
 
     n_train = int(P * P * FRAC)
     n_test = P * P - n_train

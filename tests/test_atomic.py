@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from grokpipe import atomic
-from grokpipe.atomic import is_temporary, remove_stale_temporaries, sha256_file, write_bytes_atomic
 from grokpipe.errors import GrokpipeError
+from grokpipe.io import atomic
+from grokpipe.io.atomic import is_temporary, remove_stale_temporaries, sha256_file, write_bytes_atomic
 
 
 def test_write_returns_sha256_and_leaves_no_temporary(tmp_path):

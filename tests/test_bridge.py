@@ -3,7 +3,7 @@
 import pytest
 
 from grokpipe.bridge import bridge_unsupported_reason, transformer_lens_major
-from grokpipe.model import loaded_model
+from grokpipe.training.model import loaded_model
 
 BASE = {"n_layers": 1, "act_fn": "relu", "normalization_type": None, "positional_embedding_type": "standard"}
 
@@ -56,6 +56,6 @@ def test_this_environment_loads_hooked_transformers():
 
 
 def _state(hooked):
-    from grokpipe.model import config_from_json, empty_model
+    from grokpipe.training.model import config_from_json, empty_model
 
     return empty_model(config_from_json(hooked)).state_dict()

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from grokpipe.cli import main
 from grokpipe.consolidate import consolidate, consolidate_all
-from grokpipe.safetensors_io import read_metadata
+from grokpipe.io.safetensors_io import read_metadata
 
 TRAINER_EXTRAS = ("optimizer.pt", "rng_state.pth", "training_args.bin", "scheduler.pt")
 

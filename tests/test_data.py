@@ -4,7 +4,7 @@ import pytest
 import torch
 from demo_reference import demo_dataset
 
-from grokpipe.data import all_pairs, make_split, split_indices
+from grokpipe.training.data import all_pairs, make_split, split_indices
 
 
 @pytest.mark.parametrize("p,frac,seed", [(113, 0.3, 598), (31, 0.6, 598), (7, 0.5, 1)])

@@ -16,8 +16,8 @@ from grokpipe.cli import main
 from grokpipe.config import grid, validate_config
 from grokpipe.errors import GrokpipeError
 from grokpipe.export import ExportName, export, export_name, format_size, parse_export_name
-from grokpipe.safetensors_io import read_metadata
-from grokpipe.train import train
+from grokpipe.io.safetensors_io import read_metadata
+from grokpipe.training.train import train
 
 
 @pytest.fixture(scope="module")

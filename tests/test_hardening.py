@@ -15,13 +15,13 @@ import torch
 from conftest import grokpipe_cli, run_dir_of, snakemake, tiny_config, write_config
 
 import grokpipe
+from grokpipe.analysis.inspect_run import list_runs
+from grokpipe.analysis.verify import verify_run
 from grokpipe.config import grid, validate_config
 from grokpipe.errors import GrokpipeError
-from grokpipe.inspect_run import list_runs
+from grokpipe.io.safetensors_io import first_difference
 from grokpipe.layout import RunLayout
-from grokpipe.safetensors_io import first_difference
-from grokpipe.train import train
-from grokpipe.verify import verify_run
+from grokpipe.training.train import train
 from grokpipe.writer_lock import lock_path, writer_lock
 
 

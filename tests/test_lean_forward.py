@@ -6,12 +6,12 @@ from conftest import tiny_config
 from demo_reference import DEMO_MODEL, demo_loop
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from grokpipe import folded
 from grokpipe.config import grid, validate_config
-from grokpipe.data import make_split
-from grokpipe.lean_forward import forward_fn, last_position_logits, unsupported_reason
-from grokpipe.model import loss_fn
-from grokpipe.train import train
+from grokpipe.training import folded
+from grokpipe.training.data import make_split
+from grokpipe.training.lean_forward import forward_fn, last_position_logits, unsupported_reason
+from grokpipe.training.model import loss_fn
+from grokpipe.training.train import train
 
 CONFIGS = [
     dict(n_layers=1, n_heads=4, d_model=128, d_head=32, d_mlp=512, act_fn="relu"),  # the demo's
@@ -173,7 +173,7 @@ def test_tables_are_built_once_per_parameter_update(monkeypatch):
 def test_lean_cross_entropy_matches_the_demo_loss(margin):
     """Float32 exponentials, float64 sums: the demo's loss to float32 rounding, from uncertain to
     very confident predictions (where the demo's 1 - softmax cancels, ours keeps the label's gradient)."""
-    from grokpipe.lean_forward import cross_entropy
+    from grokpipe.training.lean_forward import cross_entropy
 
     generator = torch.Generator().manual_seed(0)
     logits = 3 * torch.randn(500, 113, generator=generator)

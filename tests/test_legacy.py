@@ -16,8 +16,8 @@ from transformer_lens import HookedTransformer
 import grokpipe
 from grokpipe.convert import convert
 from grokpipe.errors import GrokpipeError
-from grokpipe.legacy import read_legacy, safe_load
-from grokpipe.safetensors_io import read_metadata
+from grokpipe.io.legacy import read_legacy, safe_load
+from grokpipe.io.safetensors_io import read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_conversion_is_faithful(demo_run, legacy_files, tmp_path, style):
 def test_reader_needs_no_transformer_lens(legacy_files):
     code = (
         "import sys; sys.modules['transformer_lens'] = None\n"
-        "from grokpipe.legacy import read_legacy\n"
+        "from grokpipe.io.legacy import read_legacy\n"
         f"run = read_legacy({str(legacy_files['tl2-cuda'])!r})\n"
         "assert 'transformer_lens' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
         "print(run.prime, run.config['device'], run.model['embed.W_E'].device)\n"

@@ -10,9 +10,9 @@ import torch
 from conftest import grokpipe_cli, run_dir_of, snakemake, tiny_config, write_config
 
 import grokpipe
+from grokpipe.analysis.progress_measures import COLUMNS, write_progress
 from grokpipe.config import grid, progress_unsupported_reason, validate_config
-from grokpipe.progress_measures import COLUMNS, write_progress
-from grokpipe.train import train
+from grokpipe.training.train import train
 
 P = 23
 

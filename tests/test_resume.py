@@ -13,10 +13,12 @@ import torch
 from conftest import run_dir_of, snakemake, snakemake_command, tiny_config, write_config
 
 import grokpipe
-from grokpipe import atomic, cli, resume
+from grokpipe import cli
 from grokpipe.config import grid, validate_config
+from grokpipe.io import atomic
 from grokpipe.layout import RunLayout
-from grokpipe.train import train
+from grokpipe.training import resume
+from grokpipe.training.train import train
 
 
 def spec_for(prime=5, seed=0, **training):

@@ -9,14 +9,14 @@ from conftest import tiny_config
 from demo_reference import DEMO_MODEL, demo_loop
 
 import grokpipe
-from grokpipe import resume
 from grokpipe.config import grid, validate_config
-from grokpipe.data import make_split
+from grokpipe.io.safetensors_io import read_metadata
 from grokpipe.layout import RunLayout
-from grokpipe.lean_forward import forward_fn, loss_for
-from grokpipe.model import loss_fn
-from grokpipe.safetensors_io import read_metadata
-from grokpipe.train import grokking_epoch, train
+from grokpipe.training import resume
+from grokpipe.training.data import make_split
+from grokpipe.training.lean_forward import forward_fn, loss_for
+from grokpipe.training.model import loss_fn
+from grokpipe.training.train import grokking_epoch, train
 
 
 def spec_for(prime=7, seed=0, **training):

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from conftest import grokpipe_cli, run_dir_of, snakemake
 
-from grokpipe import inspect_run, safetensors_header
-from grokpipe.inspect_run import inspect_path, list_runs
-from grokpipe.safetensors_header import HeaderError, read_header
-from grokpipe.verify import sample_epochs, verify_run
+from grokpipe.analysis import inspect_run
+from grokpipe.analysis.inspect_run import inspect_path, list_runs
+from grokpipe.analysis.verify import sample_epochs, verify_run
+from grokpipe.io import safetensors_header
+from grokpipe.io.safetensors_header import HeaderError, read_header
 
 
 @pytest.fixture
@@ -199,8 +200,8 @@ def test_inspect_reads_headers_only(trained_grid, monkeypatch):
 
     for module, name in [(safetensors, "safe_open"), (safetensors.torch, "load_file"), (safetensors.torch, "load")]:
         monkeypatch.setattr(module, name, forbidden)
-    monkeypatch.setattr("grokpipe.safetensors_io.safe_open", forbidden)
-    monkeypatch.setattr("grokpipe.safetensors_io.load_file", forbidden)
+    monkeypatch.setattr("grokpipe.io.safetensors_io.safe_open", forbidden)
+    monkeypatch.setattr("grokpipe.io.safetensors_io.load_file", forbidden)
     read = {"bytes": 0}
     real_open = open
 

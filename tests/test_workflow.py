@@ -8,7 +8,7 @@ from conftest import run_dir_of, snakemake, tiny_config, write_config
 from transformer_lens import HookedTransformer
 
 import grokpipe
-from grokpipe.safetensors_io import read_metadata
+from grokpipe.io.safetensors_io import read_metadata
 
 GRID = [(5, 0), (5, 1), (7, 0), (7, 1)]
 

@@ -95,7 +95,7 @@ def _keep_freed_memory_in_process() -> None:
 def cmd_train(args) -> int:
     import gc
 
-    from .train import train
+    from .training.train import train
 
     _keep_freed_memory_in_process()
     # Each epoch leaves a few hundred short-lived objects, so the collector's full collections
@@ -146,10 +146,10 @@ def cmd_consolidate(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .atomic import write_json_atomic
+    from .analysis.verify import verify_run
+    from .io.atomic import write_json_atomic
     from .layout import RunLayout
-    from .model import require_hooked_transformer
-    from .verify import verify_run
+    from .training.model import require_hooked_transformer
 
     # Before anything is checked: under TransformerLens 4 every strict load would "fail" and the run
     # would be recorded as damaged.
@@ -177,7 +177,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect_run import format_inspection, inspect_path
+    from .analysis.inspect_run import format_inspection, inspect_path
 
     info = inspect_path(args.path)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
@@ -185,8 +185,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_list(args) -> int:
+    from .analysis.inspect_run import format_exports, format_listing, list_runs
     from .export import list_exports
-    from .inspect_run import format_exports, format_listing, list_runs
 
     exports = list_exports(args.results_dir) if Path(args.results_dir).is_dir() else []
     if exports:  # a models/ directory of exports
@@ -198,8 +198,8 @@ def cmd_list(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .atomic import write_json_atomic
     from .export import NeverGrokked, export
+    from .io.atomic import write_json_atomic
 
     which = "grokked" if args.grokked else "epoch" if args.epoch is not None else "final"
     try:
@@ -218,8 +218,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    from .analysis.plots import plot_run
     from .loading import load_metadata
-    from .plots import plot_run
 
     out = Path(args.run_dir) / "artifacts"
     plot_run(load_metadata(args.run_dir), out / "loss_curves.png", out / "loss_curves.svg")
@@ -227,9 +227,9 @@ def cmd_plot(args) -> int:
 
 
 def cmd_summarize(args) -> int:
+    from .analysis.plots import plot_grid, summary_rows, write_summary
+    from .analysis.progress_measures import read_progress
     from .loading import load_metadata
-    from .plots import plot_grid, summary_rows, write_summary
-    from .progress_measures import read_progress
 
     metadatas = [load_metadata(run) for run in args.run_dirs]
     progress = [(read_progress(run) or (None, None))[1] for run in args.run_dirs]
@@ -280,7 +280,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def cmd_progress(args) -> int:
-    from .progress_measures import write_progress
+    from .analysis.progress_measures import write_progress
 
     _keep_freed_memory_in_process()  # the same large temporaries for every checkpoint
     rows, record = write_progress(args.run_dir, args.key_frequencies)

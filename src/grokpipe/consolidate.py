@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from ._version import __version__
-from .atomic import make_unique_dir, remove_stale_staging, replace_directory, sha256_file, write_json_atomic
 from .errors import GrokpipeError
+from .io.atomic import make_unique_dir, remove_stale_staging, replace_directory, sha256_file, write_json_atomic
 from .io.detect import checkpoint_dirs, detect
+from .io.safetensors_io import consolidated_header
 from .io.safetensors_stream import output_dtype, output_nbytes, verify_streamed, write_streaming
 from .io.sources import CheckpointSource, dtype_name
-from .safetensors_io import consolidated_header
 from .writer_lock import writer_lock
 
 log = logging.getLogger(__name__)

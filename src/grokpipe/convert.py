@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from ._version import __version__
-from .atomic import make_unique_dir, remove_stale_staging, replace_directory, sha256_file, write_json_atomic
 from .config import canonical_json, run_name
 from .errors import GrokpipeError
+from .io.atomic import make_unique_dir, remove_stale_staging, replace_directory, sha256_file, write_json_atomic
+from .io.legacy import LegacyRun, hooked_config_from_legacy, normalize_buffers, read_legacy
+from .io.safetensors_io import header, write_verified_model_file
 from .layout import RUN_DIR_RE, RunLayout
-from .legacy import LegacyRun, hooked_config_from_legacy, normalize_buffers, read_legacy
-from .safetensors_io import header, write_verified_model_file
-from .train import EPOCH_CONVENTION, METADATA_FORMAT_VERSION, finite_or_none, first_non_finite, grokking_epoch
+from .training.train import EPOCH_CONVENTION, METADATA_FORMAT_VERSION, finite_or_none, first_non_finite, grokking_epoch
 from .writer_lock import writer_lock
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def _checkpoint_every(epochs: list[int]) -> int | None:
 
 
 def _check_strict_load(path: Path, hooked: dict, state: dict[str, torch.Tensor]) -> None:
-    from .model import loaded_model
+    from .training.model import loaded_model
 
     try:
         loaded_model(hooked, state, path)

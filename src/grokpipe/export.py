@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from ._version import __version__
-from .atomic import (
+from .errors import GrokpipeError
+from .io.atomic import (
     make_unique_dir,
     remove_stale_staging,
     replace_directory,
@@ -41,10 +42,9 @@ from .atomic import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from .errors import GrokpipeError
+from .io.safetensors_io import read_metadata, read_tensors, write_verified_model_file
 from .layout import RunLayout
 from .loading import EXPORT_META, load_config, load_metadata
-from .safetensors_io import read_metadata, read_tensors, write_verified_model_file
 from .writer_lock import writer_lock
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ classes at the last position. Load with::
 
 def export(run_dir, out="models", which: str = "final", epoch: int | None = None, version=None, force=False) -> Path:
     """Export one epoch of ``run_dir`` into ``out/{name}/``; returns the directory."""
-    from .plots import plot_run
+    from .analysis.plots import plot_run
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from .errors import GrokpipeError
+from .io.safetensors_io import read_metadata, read_tensors
 from .layout import RunLayout
-from .safetensors_io import read_metadata, read_tensors
 
 LEGACY_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle")
 EXPORT_META = "export_meta.json"
@@ -81,7 +81,7 @@ def load_state_dict(path: str | Path, epoch: int | None = None) -> dict[str, tor
     """Tensors of one checkpoint (run directory + epoch, or a file), on CPU; no TransformerLens needed."""
     path = Path(path)
     if _is_legacy(path):
-        from .legacy import legacy_state_dict
+        from .io.legacy import legacy_state_dict
 
         return legacy_state_dict(path, epoch)
     return read_tensors(_resolve(path, epoch))
@@ -108,11 +108,11 @@ def load_model(path: str | Path, epoch: int | None = None, device: str = "cpu"):
     legacy pickle (read through the restricted loader; converting it with ``grokpipe convert`` is
     recommended). The load is strict.
     """
-    from .model import loaded_model
+    from .training.model import loaded_model
 
     path = Path(path)
     if _is_legacy(path):
-        from .legacy import legacy_model
+        from .io.legacy import legacy_model
 
         return legacy_model(path, epoch, device)
     file = _resolve(path, epoch)

@@ -23,7 +23,7 @@ import grokpipe  # noqa: E402
 from grokpipe.config import grid, validate_config  # noqa: E402
 from grokpipe.convert import convert  # noqa: E402
 from grokpipe.export import export  # noqa: E402
-from grokpipe.train import train  # noqa: E402
+from grokpipe.training.train import train  # noqa: E402
 
 # Model options of our config schema, each loaded by TL 4's native model.
 SUPPORTED = {

@@ -2,7 +2,7 @@
 ``model.safetensors`` / ``pytorch_model.bin``.
 
 Safetensors shards are described from their headers alone (validated by
-:func:`grokpipe.safetensors_header.read_header`: a truncated shard is caught there) and read one
+:func:`grokpipe.io.safetensors_header.read_header`: a truncated shard is caught there) and read one
 tensor at a time. ``.bin`` shards are unpickled only by the restricted loader, memory-mapped, one
 shard at a time. Trainer extras beside them (``optimizer.pt``, ``rng_state.pth``,
 ``training_args.bin``, ``scheduler.pt``) are never opened.
@@ -19,8 +19,8 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import GrokpipeError
 from ..loading import read_json
-from ..safetensors_header import HeaderError, read_header
 from .restricted_pickle import numpy_allowlist, safe_torch_load
+from .safetensors_header import HeaderError, read_header
 from .sources import SAFETENSORS_DTYPES, CheckpointSource, TensorEntry, inside, json_ready
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..atomic import atomic_file
 from ..errors import GrokpipeError
-from ..safetensors_io import same_bits
+from .atomic import atomic_file
+from .safetensors_io import same_bits
 from .sources import TensorEntry, dtype_name
 
 Tensors = Callable[[], Iterator[tuple[str, torch.Tensor]]]

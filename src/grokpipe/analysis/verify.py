@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from ._version import __version__
-from .atomic import sha256_file
-from .layout import RunLayout
-from .safetensors_header import HeaderError, read_header
+from .._version import __version__
+from ..io.atomic import sha256_file
+from ..io.safetensors_header import HeaderError, read_header
+from ..layout import RunLayout
 
 RECOMPUTE_BUDGET = 2_000_000  # test examples
 SAME_MACHINE_TOLERANCE = (1e-5, 1e-9)  # (relative, absolute): grokpipe-trained on CPU
@@ -208,7 +208,7 @@ def _check_metadata(report: Report, layout: RunLayout, metadata: dict, headers: 
 def _check_schedule(report: Report, layout: RunLayout, metadata: dict, on_disk: list[int]) -> None:
     """Every checkpoint the run should have must be on disk: for a trained run, every epoch E with
     (E + 1) % checkpoint_every == 0 up to final_epoch; for a converted one, every epoch its pickle held."""
-    from .train import scheduled_epochs
+    from ..training.train import scheduled_epochs
 
     every, final_epoch = metadata.get("checkpoint_every"), metadata.get("final_epoch")
     if metadata.get("source", "trained") == "trained":
@@ -227,9 +227,9 @@ def _check_schedule(report: Report, layout: RunLayout, metadata: dict, on_disk: 
 def _check_strict_loads(report: Report, layout: RunLayout, config: dict, files: dict, intact: set) -> dict:
     """Strictly load every well-formed file into a HookedTransformer built from config.json.
     Returns {epoch: model} for the intact checkpoints (hash-verified), for loss recomputation."""
-    from .errors import GrokpipeError
-    from .model import config_from_json, empty_model
-    from .safetensors_io import read_tensors
+    from ..errors import GrokpipeError
+    from ..io.safetensors_io import read_tensors
+    from ..training.model import config_from_json, empty_model
 
     hooked = config.get("hooked_transformer_config")
     try:
@@ -266,8 +266,8 @@ def segment_of(metadata: dict, epoch: int) -> dict:
 
 
 def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, loaded: dict, recompute) -> None:
-    from .data import all_pairs
-    from .lean_forward import forward_fn, loss_for
+    from ..training.data import all_pairs
+    from ..training.lean_forward import forward_fn, loss_for
 
     prime, test_losses = metadata.get("prime"), metadata.get("test_losses")
     try:

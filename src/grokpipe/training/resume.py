@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .atomic import sha256_file, write_json_atomic
-from .layout import RunLayout
-from .safetensors_io import read_tensors, write_model_file
+from ..io.atomic import sha256_file, write_json_atomic
+from ..io.safetensors_io import read_tensors, write_model_file
+from ..layout import RunLayout
 
 log = logging.getLogger(__name__)
 

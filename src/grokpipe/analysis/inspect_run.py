@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import GrokpipeError
-from .layout import RUN_DIR_RE, RunLayout
-from .safetensors_header import HeaderError, read_header
+from ..errors import GrokpipeError
+from ..io.safetensors_header import HeaderError, read_header
+from ..layout import RUN_DIR_RE, RunLayout
 
 
 def _json(path: Path) -> dict | None:
@@ -127,7 +127,7 @@ def inspect_run(run_dir: Path) -> dict:
 
 def inspect_legacy(path: Path) -> dict:
     """A legacy pickle, read and checked as ``convert`` reads it, tensor data memory-mapped, not read."""
-    from .legacy import read_legacy
+    from ..io.legacy import read_legacy
 
     run = read_legacy(path, mmap=True)
     return {
@@ -147,7 +147,7 @@ def inspect_legacy(path: Path) -> dict:
 
 def inspect_export(path: Path) -> dict:
     """A ``grokpipe export`` directory: its name parts, source, epoch, losses and model file."""
-    from .export import EXPORT_META, MODEL_FILE, verify_export
+    from ..export import EXPORT_META, MODEL_FILE, verify_export
 
     meta = _json(path / EXPORT_META) or {}
     return {
@@ -169,7 +169,7 @@ def inspect_export(path: Path) -> dict:
 
 def inspect_consolidated(path: Path) -> dict:
     """A ``grokpipe consolidate`` output directory: its record and model file."""
-    from .consolidate import MODEL_FILE, RECORD_FILE
+    from ..consolidate import MODEL_FILE, RECORD_FILE
 
     record = _json(path / RECORD_FILE) or {}
     source = record.get("source") or {}
@@ -184,8 +184,8 @@ def inspect_consolidated(path: Path) -> dict:
 
 
 def inspect_path(path: str | Path) -> dict:
-    from .consolidate import RECORD_FILE
-    from .export import is_export
+    from ..consolidate import RECORD_FILE
+    from ..export import is_export
 
     path = Path(path)
     if path.is_dir() and is_export(path):

@@ -17,7 +17,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import GrokpipeError
+from ..errors import GrokpipeError
 
 TMP_MARKER = ".tmp-"
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .config import RunSpec
+from ..config import RunSpec
 
 
 @contextmanager
@@ -23,7 +23,7 @@ def _quiet_transformer_lens():
 
 def resolve_device(device: str) -> str:
     """``auto`` means cuda when one is visible, else cpu; ``cuda`` without a GPU is a user error."""
-    from .errors import GrokpipeError
+    from ..errors import GrokpipeError
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -34,8 +34,8 @@ def resolve_device(device: str) -> str:
 
 def require_hooked_transformer(what: str) -> None:
     """Training and analysis use HookedTransformer, which TransformerLens 4 removed."""
-    from .bridge import transformer_lens_major
-    from .errors import GrokpipeError
+    from ..bridge import transformer_lens_major
+    from ..errors import GrokpipeError
 
     if transformer_lens_major() >= 4:
         raise GrokpipeError(
@@ -114,8 +114,8 @@ def loaded_model(hooked_config: dict, state_dict: dict, source, device: str = "c
     """A HookedTransformer built from ``hooked_config`` holding ``state_dict`` (strict load), in eval
     mode; weights that do not fit the config are a GrokpipeError naming ``source``. Under
     TransformerLens 4 the same weights load into a TransformerBridge (see :mod:`grokpipe.bridge`)."""
-    from .bridge import bridge_model, transformer_lens_major
-    from .errors import GrokpipeError
+    from ..bridge import bridge_model, transformer_lens_major
+    from ..errors import GrokpipeError
 
     if transformer_lens_major() >= 4:
         return bridge_model(hooked_config, state_dict, source, device)

@@ -3,7 +3,7 @@
 Training only ever uses the logits at the last position. HookedTransformer computes attention
 output, MLP and unembedding at every position; here they are computed at the last position only,
 on the very same parameters (the HookedTransformer remains the model of record: same state dict,
-same optimizer, same checkpoints). One-layer models fold further (:mod:`grokpipe.folded`: a few
+same optimizer, same checkpoints). One-layer models fold further (:mod:`grokpipe.training.folded`: a few
 table rows per example and one d_mlp × p product); deeper models run their earlier layers in full
 and the last one at the last position.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import folded
+from ..training import folded
 from .folded import ACTIVATIONS, TableLayout, TokenPlan
 
 

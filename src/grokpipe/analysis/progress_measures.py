@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_bytes_atomic, write_json_atomic
-from .config import progress_unsupported_reason
-from .data import all_pairs
-from .errors import GrokpipeError
-from .folded import ACTIVATIONS, single_layer_resid_mid
-from .layout import RunLayout
-from .model import config_from_json, empty_model, loss_fn
+from ..config import progress_unsupported_reason
+from ..errors import GrokpipeError
+from ..io.atomic import write_bytes_atomic, write_json_atomic
+from ..layout import RunLayout
+from ..training.data import all_pairs
+from ..training.folded import ACTIVATIONS, single_layer_resid_mid
+from ..training.model import config_from_json, empty_model, loss_fn
 
 COLUMNS = (
     "epoch",
@@ -152,7 +152,7 @@ def measure(model, inputs: Inputs) -> dict:
 
 def progress_measures(run_dir: str | Path, frequencies: list[int] | None = None) -> tuple[list[dict], dict]:
     """(one row per checkpoint, the key-frequency record) of a trained or converted run."""
-    from .loading import list_epochs, load_config, load_metadata, load_state_dict
+    from ..loading import list_epochs, load_config, load_metadata, load_state_dict
 
     layout = RunLayout(Path(run_dir))
     metadata, config = load_metadata(layout.root), load_config(layout.root)
@@ -199,7 +199,7 @@ def restricted_grokking_epoch(rows: list[dict], threshold: float) -> int | None:
 
 def write_progress(run_dir: str | Path, frequencies: list[int] | None = None) -> tuple[list[dict], dict]:
     """Compute and write artifacts/progress_measures.csv, key_frequencies.json and the figure."""
-    from .loading import load_metadata
+    from ..loading import load_metadata
     from .plots import plot_progress
 
     layout = RunLayout(Path(run_dir))
@@ -227,6 +227,6 @@ def read_progress(run_dir: str | Path) -> tuple[list[dict], dict] | None:
     rows = [
         {k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))
     ]
-    from .loading import read_json
+    from ..loading import read_json
 
     return rows, read_json(out / "key_frequencies.json")

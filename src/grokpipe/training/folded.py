@@ -29,7 +29,7 @@ tables, backward          twice the forward               88 M
 
 An epoch at p = 113, 30 % train (3,830 examples trained, 8,939 evaluated) is 1.64 G MACs (3.3
 GFLOP): the tables are built once per parameter update and shared by the evaluation and the next
-training step (:class:`grokpipe.lean_forward.LeanForward`). HookedTransformer, which computes all
+training step (:class:`grokpipe.training.lean_forward.LeanForward`). HookedTransformer, which computes all
 three positions, does 13.0 G (636 K per example forward, twice that backward).
 bench/bench_training.py prints the floor this gives at the matrix-product rate of the machine it
 runs on.
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import LEAN_ACT_FNS
+from ..config import LEAN_ACT_FNS
 
 ACTIVATIONS = {name: getattr(F, name) for name in LEAN_ACT_FNS}  # torch.nn.functional.relu, ...
 COMPOSED_BACKWARD = False  # tests set it to check, on the CPU, the backward other devices take

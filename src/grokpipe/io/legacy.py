@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import GrokpipeError
-from .io.restricted_pickle import StandIn, numpy_allowlist, safe_torch_load
+from ..errors import GrokpipeError
+from .restricted_pickle import StandIn, numpy_allowlist, safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def read_legacy(path: str | Path, mmap: bool = False) -> LegacyRun:
 
 def hooked_config_from_legacy(config: dict) -> dict:
     """JSON-ready HookedTransformerConfig fields of a legacy config (dtype as a string, on CPU)."""
-    from .model import json_value  # torch only: no TransformerLens import
+    from ..training.model import json_value  # torch only: no TransformerLens import
 
     out = {key: json_value(value) for key, value in config.items()}
     out["device"] = "cpu"  # trained on a GPU or not, a converted run loads on CPU
@@ -230,7 +230,7 @@ def legacy_state_dict(path: str | Path, epoch: int | None = None) -> dict[str, t
 
 def legacy_model(path: str | Path, epoch: int | None = None, device: str = "cpu"):
     """A HookedTransformer from a legacy pickle (read-only). Converting once is faster and safer."""
-    from .model import loaded_model
+    from ..training.model import loaded_model
 
     warnings.warn(
         f"loading legacy pickle {path}: every load unpickles the whole file; convert it once with "

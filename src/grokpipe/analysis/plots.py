@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display on cluster nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .atomic import write_bytes_atomic  # noqa: E402
+from ..io.atomic import write_bytes_atomic  # noqa: E402
 
 
 def _series(losses: list) -> tuple[list[int], list[float]]:

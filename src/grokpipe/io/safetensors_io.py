@@ -9,10 +9,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from ._version import __version__
+from .._version import __version__
+from ..config import RunSpec
+from ..errors import GrokpipeError
 from .atomic import write_bytes_atomic
-from .config import RunSpec
-from .errors import GrokpipeError
 
 
 def provenance(spec: RunSpec, epoch: int, kind: str, hooked_config: dict) -> dict[str, str]:

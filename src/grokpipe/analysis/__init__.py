@@ -1,0 +1,1 @@
+"""Reading runs back: verification, inspection, plots and the progress measures."""
