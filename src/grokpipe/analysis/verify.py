@@ -273,7 +273,8 @@ def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, 
     try:
         tokens, labels = all_pairs(prime)
         test_idx = torch.tensor(metadata["test_indices"], dtype=torch.long)
-        test_tokens, test_labels = tokens[test_idx], labels[test_idx]
+        train_idx = torch.tensor(metadata["train_indices"], dtype=torch.long)
+        test_tokens, test_labels, train_tokens = tokens[test_idx], labels[test_idx], tokens[train_idx]
     except (TypeError, KeyError, IndexError, RuntimeError):
         return  # already reported by the metadata checks
     trained = metadata.get("source", "trained") == "trained"
@@ -293,7 +294,9 @@ def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, 
         env = segment_of(metadata, epoch)
         rel_tol, abs_tol = SAME_MACHINE_TOLERANCE if trained and env.get("device") == "cpu" else OTHER_MACHINE_TOLERANCE
         implementation = env.get("implementation") or "hooked_transformer"
-        forward, loss_fn = forward_fn(model, implementation), loss_for(implementation)
+        # The token tensors training gave its forward: the same table layout, the same arithmetic.
+        forward = forward_fn(model, implementation, (train_tokens, test_tokens))
+        loss_fn = loss_for(implementation)
         with _threads(env.get("threads")), torch.inference_mode():
             model.load_state_dict(loaded["states"][epoch], strict=True)
             value = loss_fn(forward(test_tokens), test_labels).item()
