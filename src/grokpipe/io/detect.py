@@ -25,7 +25,7 @@ def detect(root: str | Path):
     """The checkpoint in directory ``root`` (or the one model file ``root``) as a
     :class:`~grokpipe.io.sources.CheckpointSource`, described (headers, indexes and pickled
     metadata read and checked; no tensor data)."""
-    from ..io import hf
+    from . import hf
     from .dcp import METADATA, dcp_source
     from .deepspeed import _OPTIM_RE, deepspeed_source
 

@@ -134,7 +134,6 @@ class Tables:
     """What the folded forward reads, as functions of the parameters only (head-major, so the
     per-head products are batched products over contiguous blocks)."""
 
-    layout: TableLayout
     query_embed: torch.Tensor  # (Q, d_model): embedding + position of each last token
     values: torch.Tensor  # (H, U, E): value of each pair per head
     score_tab: torch.Tensor  # (H, U·Q): attention score of each pair's key for each last token
@@ -152,7 +151,7 @@ def attention_tables(model, layout: TableLayout) -> Tables:
     values = torch.matmul(pair_embed, attn.W_V) + attn.b_V[:, None]
     queries = torch.matmul(query_embed, attn.W_Q) + attn.b_Q[:, None]  # (H, Q, E)
     score_tab = torch.bmm(keys, queries.transpose(1, 2)) / attn.attn_scale  # (H, U, Q)
-    return Tables(layout, query_embed, values, score_tab.reshape(len(score_tab), -1))
+    return Tables(query_embed, values, score_tab.reshape(len(score_tab), -1))
 
 
 def build_tables(model, layout: TableLayout) -> Tables:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..training import folded
+from . import folded
 from .folded import ACTIVATIONS, TableLayout, TokenPlan
 
 
@@ -64,11 +64,6 @@ def _mlp(block, x, act):
 def _proj(x, w, b):
     """x: (..., d_model) with w: (H, d_model, E) -> (..., H, E)."""
     return torch.einsum("...d,hde->...he", x, w) + b
-
-
-def _heads_matrix(w):
-    """(H, d_model, E) -> (d_model, H*E), so one matmul projects every head."""
-    return w.permute(1, 0, 2).reshape(w.shape[1], -1)
 
 
 def last_position_logits(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,8 @@ from ..errors import GrokpipeError
 from ..io.atomic import remove_stale_temporaries, sha256_file, write_bytes_atomic, write_json_atomic
 from ..io.safetensors_io import first_difference, provenance, read_metadata, read_tensors, serialize_state_dict
 from ..layout import RunLayout
-from ..training import resume
 from ..writer_lock import writer_lock
+from . import resume
 from .data import make_split
 from .lean_forward import forward_fn, loss_for, unsupported_reason
 from .model import config_to_json, resolve_device, training_model
