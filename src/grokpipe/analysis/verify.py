@@ -286,6 +286,7 @@ def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, 
     else:
         chosen = sample_epochs(epochs, 1, budget=int(recompute))
     model = loaded["model"]
+    forwards = {}  # one per implementation: its token plans are built once, not per epoch
     for epoch in chosen:
         if not isinstance(test_losses, list) or epoch >= len(test_losses) or test_losses[epoch] is None:
             continue
@@ -294,9 +295,10 @@ def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, 
         env = segment_of(metadata, epoch)
         rel_tol, abs_tol = SAME_MACHINE_TOLERANCE if trained and env.get("device") == "cpu" else OTHER_MACHINE_TOLERANCE
         implementation = env.get("implementation") or "hooked_transformer"
-        # The token tensors training gave its forward: the same table layout, the same arithmetic.
-        forward = forward_fn(model, implementation, (train_tokens, test_tokens))
-        loss_fn = loss_for(implementation)
+        if implementation not in forwards:
+            # The token tensors training gave its forward: the same table layout, the same arithmetic.
+            forwards[implementation] = forward_fn(model, implementation, (train_tokens, test_tokens))
+        forward, loss_fn = forwards[implementation], loss_for(implementation)
         with _threads(env.get("threads")), torch.inference_mode():
             model.load_state_dict(loaded["states"][epoch], strict=True)
             value = loss_fn(forward(test_tokens), test_labels).item()
