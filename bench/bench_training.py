@@ -271,10 +271,11 @@ def flop_floor_ms(threads: int) -> tuple[float, float]:
     n_test = P * P - n_train
     d, m, heads, head_dim, pos = 128, 512, 4, 32, 3
     p_pad, pairs = padded(P), 2 * P + 1  # pairs: a and b at their positions, "=" at the last
-    rows_per_example, width = heads * pos + 1, m + p_pad
+    # Every example ends in "=": its value rows fold into the token row (one position fewer per head).
+    rows_per_example, width = heads * (pos - 1) + 1, m + p_pad
     forward = rows_per_example * width + m * p_pad
     backward = 2 * m * p_pad + 2 * rows_per_example * width
-    value_rows, head_read = pairs * heads * head_dim * width, heads * head_dim * d * width
+    value_rows, head_read = (pairs - 1) * heads * head_dim * width, heads * head_dim * d * width
     tables = value_rows + head_read + 2 * pairs * d * heads * head_dim + m * d * P
     macs = n_train * (forward + backward) + n_test * forward + 3 * tables  # tables: built once, backward twice that
     torch.set_num_threads(threads)

@@ -42,17 +42,23 @@ def perturbed_model(p, fields):
     return model
 
 
+@pytest.mark.parametrize("varying_last", [False, True], ids=["shared-last-token", "varying-last-token"])
 @pytest.mark.parametrize("composed", [False, True], ids=["cpu-backward", "composed-backward"])
 @pytest.mark.parametrize("fields", CONFIGS, ids=lambda f: f"{f['n_layers']}L-{f.get('act_fn', 'attn_only')}")
-def test_logits_and_gradients_match_hooked_transformer(fields, composed, monkeypatch):
-    """Both backward paths: the hand-written one (CPU) and autograd over torch's ops (other devices)."""
+def test_logits_and_gradients_match_hooked_transformer(fields, composed, varying_last, monkeypatch):
+    """Both backward paths: the hand-written one (CPU) and autograd over torch's ops (other
+    devices); both table layouts: every example ending in "=" (its rows folded into the token
+    row) and last tokens that vary."""
     monkeypatch.setattr(folded, "COMPOSED_BACKWARD", composed)
     p = 13
     model = perturbed_model(p, fields)
     assert unsupported_reason(model.cfg) is None
     split = make_split(p, 0.5, 598)
     tokens = torch.cat([split.train_tokens, split.test_tokens])
-    tokens = torch.cat([tokens, tokens[:7].flip(1)])  # a varying last token too
+    if varying_last:
+        tokens = torch.cat([tokens, tokens[:7].flip(1)])
+    layout = folded.TableLayout.covering([tokens], p + 1, model.cfg.n_heads)
+    assert layout.shared_last != varying_last
     labels = torch.randint(0, p, (len(tokens),), generator=torch.Generator().manual_seed(1))
 
     ref = model(tokens)[:, -1]

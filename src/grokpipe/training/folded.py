@@ -5,8 +5,10 @@ With one layer the layer input is the embedding alone, so keys, values and queri
 (d_model × (d_mlp + p)), ``resid_mid @ read`` is, per example, the row of its last token
 (embedding + b_O, times read, plus biases) plus, for each head and position, the attention weight
 times the row of that (head, position, token): its value times W_O[h] times read. So the MLP input
-and the direct logits are a weighted sum of K = H·P + 1 table rows, and the MLP output reaches the
-logits through folded = W_out @ W_U, one d_mlp × p matrix.
+and the direct logits are a weighted sum of K table rows, and the MLP output reaches the logits
+through folded = W_out @ W_U, one d_mlp × p matrix. K = H·P + 1 in general; when every example ends
+in the same token (modular addition's "="), each head's weights sum to 1, so that token's value
+rows join the token row and the others hold their difference from it: K = H·(P − 1) + 1.
 
 The tables are built with autograd from the HookedTransformer's own parameters (it stays the model
 of record: same state dict, optimizer, checkpoints), so every gradient reaches them; the weighted
@@ -15,19 +17,20 @@ the table rows, not with the batch.
 
 Multiply-accumulates per example (P = 3 positions, H heads of E dims, d = d_model, m = d_mlp,
 p' = p padded to a multiple of 16, W = m + p'; the demo: H = 4, E = 32, d = 128, m = 512, p = 113,
-p' = 128, K = 13, W = 640) and per table build (U (position, token) pairs occur, 227 at p = 113):
+p' = 128, K = 9, W = 640) and per table build (U (position, token) pairs occur, 227 at p = 113, of
+which U_v = 226 have value rows):
 
-========================  ==============================  =========================
-                          terms                           the demo
-========================  ==============================  =========================
-forward, per example      K·W + m·p'                      73.9 K
-backward, per example     2·m·p' + 2·K·W                  147.7 K
-tables, forward           U·H·E·W + H·E·d·W + 2·U·d·H·E   44 M (once per update)
+========================  ================================  =========================
+                          terms                             the demo
+========================  ================================  =========================
+forward, per example      K·W + m·p'                        71.3 K
+backward, per example     2·m·p' + 2·K·W                    142.6 K
+tables, forward           U_v·H·E·W + H·E·d·W + 2·U·d·H·E   44 M (once per update)
                           + m·d·p
-tables, backward          twice the forward               88 M
-========================  ==============================  =========================
+tables, backward          twice the forward                 88 M
+========================  ================================  =========================
 
-An epoch at p = 113, 30 % train (3,830 examples trained, 8,939 evaluated) is 1.64 G MACs (3.3
+An epoch at p = 113, 30 % train (3,830 examples trained, 8,939 evaluated) is 1.59 G MACs (3.2
 GFLOP): the tables are built once per parameter update and shared by the evaluation and the next
 training step (:class:`grokpipe.training.lean_forward.LeanForward`). HookedTransformer, which computes all
 three positions, does 13.0 G (636 K per example forward, twice that backward).
@@ -76,9 +79,26 @@ class TableLayout:
         return cls(n_vocab, n_heads, n_pos, torch.unique(torch.cat(pairs)), torch.unique(torch.cat(queries)))
 
     @property
+    def shared_last(self) -> bool:
+        """Whether every example ends with the same token (modular addition's "="). Its attention
+        weight is then 1 minus the others', so its value rows fold into the token row and each
+        example weighs one position fewer per head (:func:`build_tables`)."""
+        return len(self.query_tok) == 1
+
+    @property
+    def n_weighted(self) -> int:
+        """Positions whose value rows each example weighs by its attention, per head."""
+        return self.n_pos - 1 if self.shared_last else self.n_pos
+
+    @property
+    def n_value_pairs(self) -> int:
+        """Pairs with value rows: all but the shared last one (the last in order) when there is one."""
+        return len(self.pair_ids) - 1 if self.shared_last else len(self.pair_ids)
+
+    @property
     def n_rows(self) -> int:
         """(head, pair) value rows, head-major, then one row per last token."""
-        return self.n_heads * len(self.pair_ids) + len(self.query_tok)
+        return self.n_heads * self.n_value_pairs + len(self.query_tok)
 
 
 def _pair_ids(tokens: torch.Tensor, n_vocab: int) -> torch.Tensor:
@@ -111,9 +131,10 @@ class TokenPlan:
         if (pair_index >= n_pairs).any() or (layout.pair_ids[pair_index.clamp(max=n_pairs - 1)] != ids).any():
             raise ValueError("tokens hold (position, token) pairs the table layout does not cover")
         heads = torch.arange(layout.n_heads, device=tokens.device)
+        n_value = layout.n_value_pairs
         # Ascending within each example (pairs are sorted by position first): a valid CSR row.
-        value_rows = (heads[:, None] * n_pairs + pair_index[:, None, :]).reshape(n_batch, -1)
-        row_index = torch.cat([value_rows, layout.n_heads * n_pairs + query_index[:, None]], dim=1)
+        value_rows = (heads[:, None] * n_value + pair_index[:, None, : layout.n_weighted]).reshape(n_batch, -1)
+        row_index = torch.cat([value_rows, layout.n_heads * n_value + query_index[:, None]], dim=1)
         flat = row_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
         starts = torch.zeros(layout.n_rows, dtype=torch.int64, device=tokens.device)
@@ -168,8 +189,15 @@ def build_tables(model, layout: TableLayout) -> Tables:
         bias = F.pad(torch.cat([mlp.b_in, mlp.b_out @ W_U + b_U]), (0, pad))
         tables.folded = F.pad(mlp.W_out @ W_U, (0, pad))
     head_read = (attn.W_O.reshape(-1, attn.W_O.shape[-1]) @ read).view(cfg.n_heads, cfg.d_head, -1)  # W_O[h] @ read
-    value_rows = torch.bmm(tables.values, head_read)  # (H, U, W)
+    values = tables.values
     token_rows = torch.addmm(bias, tables.query_embed + attn.b_O, read)  # (Q, W)
+    if layout.shared_last:
+        # sum_p w_p·v_p = v_last + sum_{p < last} w_p·(v_p − v_last), the weights summing to 1: the
+        # last pair's rows join the token row and the others hold their difference from it.
+        last = values[:, -1:]  # (H, 1, E)
+        values = values[:, :-1] - last
+        token_rows = token_rows + last.reshape(1, -1) @ head_read.view(-1, head_read.shape[-1])
+    value_rows = torch.bmm(values, head_read)  # (H, U, W)
     tables.rows = torch.cat([value_rows.reshape(-1, read.shape[1]), token_rows])
     return tables
 
@@ -205,7 +233,8 @@ def logits(model, tables: Tables, plan: TokenPlan) -> torch.Tensor:
     n_out = model.unembed.W_U.shape[1]
     pattern = attention_pattern(tables, plan)
     # Each example's weights in its rows' order (head, position), then 1 for its last token's row.
-    weights = F.pad(pattern.permute(2, 0, 1).reshape(plan.n_examples, -1), (0, 1), value=1.0)
+    weighted = pattern[:, : plan.layout.n_weighted]
+    weights = F.pad(weighted.permute(2, 0, 1).reshape(plan.n_examples, -1), (0, 1), value=1.0)
     rows, folded = tables.rows, tables.folded
     # The hand-written backward serves the CPU; elsewhere autograd composes torch's own ops.
     custom = torch.is_grad_enabled() and rows.device.type == "cpu" and not COMPOSED_BACKWARD
