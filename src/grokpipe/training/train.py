@@ -178,7 +178,16 @@ def _train_locked(spec: RunSpec, run_dir: Path, device: str, threads: int, thres
     if unsupported:
         log.info("%s: lean forward does not support this model (%s); using HookedTransformer", layout.name, unsupported)
     implementation = "hooked_transformer" if unsupported else t.implementation
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=t.betas)
+    # The lean implementation takes AdamW's fused kernel (one pass over each parameter instead of
+    # a dozen list operations, ~2 % of a lean epoch at p = 113); hooked_transformer keeps the demo's
+    # default kernel, bit-exact.
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        betas=t.betas,
+        fused=implementation == "lean",
+    )
     forward = forward_fn(model, implementation, (split.train_tokens, split.test_tokens), optimizer)
     loss_fn = loss_for(implementation)
     hooked_config = config_to_json(model.cfg)
