@@ -267,17 +267,19 @@ def pipeline_ms(workdir: Path, epochs: int, cores: int) -> tuple[float, dict]:
 def flop_floor_ms(threads: int) -> tuple[float, float]:
     """(ms/epoch, GFLOP/s): the folded formulation's FLOPs per epoch (grokpipe.training.folded's docstring)
     over the rate this machine's matrix products reach."""
-    from grokpipe.training.folded import padded
+    from grokpipe.training.folded import TableLayout, padded
 
-    n_train = int(P * P * FRAC)
-    n_test = P * P - n_train
-    d, m, heads, head_dim, pos = 128, 512, 4, 32, 3
-    p_pad, pairs = padded(P), 2 * P + 1  # pairs: a and b at their positions, "=" at the last
-    # Every example ends in "=": its value rows fold into the token row (one position fewer per head).
-    rows_per_example, width = heads * (pos - 1) + 1, m + p_pad
+    split = make_split(P, FRAC, 598)
+    n_train, n_test = len(split.train_tokens), len(split.test_tokens)
+    d, m, heads, head_dim = 128, 512, 4, 32
+    # The layout training builds: which pairs have value rows and how many rows each example reads.
+    layout = TableLayout.covering([split.train_tokens, split.test_tokens], P + 1, heads)
+    pairs, value_pairs = len(layout.pair_ids), layout.n_value_pairs
+    p_pad = padded(P)
+    rows_per_example, width = heads * layout.n_weighted + 1, m + p_pad
     forward = rows_per_example * width + m * p_pad
     backward = 2 * m * p_pad + 2 * rows_per_example * width
-    value_rows, head_read = (pairs - 1) * heads * head_dim * width, heads * head_dim * d * width
+    value_rows, head_read = value_pairs * heads * head_dim * width, heads * head_dim * d * width
     tables = value_rows + head_read + 2 * pairs * d * heads * head_dim + m * d * P
     macs = n_train * (forward + backward) + n_test * forward + 3 * tables  # tables: built once, backward twice that
     torch.set_num_threads(threads)
