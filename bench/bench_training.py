@@ -305,7 +305,7 @@ def main() -> None:
         help="epochs of the pipeline run (Snakemake's benchmark: directive samples a job every 0.5 s "
         "for its first 15 s, every 30 s after, so short runs read slower than real ones)",
     )
-    parser.add_argument("--pipeline-repeats", type=int, default=2, help="pipeline runs, each between two demo runs")
+    parser.add_argument("--pipeline-repeats", type=int, default=3, help="pipeline runs, each between two demo runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="grokpipe-bench-"))
@@ -316,9 +316,10 @@ def main() -> None:
     )
 
     # 0. What a user gets: the demo notebook's loop vs the pipeline with its defaults, alternating
-    # demo, pipeline, demo, pipeline, demo. Each pipeline run counts against the mean of the demo
-    # runs either side of it: this machine's speed drifts by ~10 % over minutes, and a drift then
-    # cancels to first order; two such pairs show how far one measurement can be trusted.
+    # demo, pipeline, demo, ..., demo. Each pipeline run counts against the mean of the demo runs
+    # either side of it: this machine's speed drifts by 10-40 % over minutes, and a drift then
+    # cancels to first order; single pairs spread by ~+-8 %, so the mean of three is the figure and
+    # the pairs show how far one measurement can be trusted.
     demos = [demo_fresh_process_ms(args.demo_epochs)]
     ours_runs = []
     for repeat in range(args.pipeline_repeats):
