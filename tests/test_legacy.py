@@ -169,15 +169,30 @@ def test_wrong_content_is_refused(demo_run, legacy_files, tmp_path):
     assert not (tmp_path / "grokking_p11_seed999").exists()
 
 
+def dry_jobs(stdout: str) -> list[tuple[str, str]]:
+    """(rule, its output line) for every job of a dry run's printout."""
+    jobs = []
+    for block in stdout.split("\nrule ")[1:]:
+        outputs = [line.strip() for line in block.splitlines() if line.strip().startswith("output:")]
+        jobs.append((block.split(":", 1)[0], outputs[0] if outputs else ""))
+    return jobs
+
+
 def test_convert_rule_end_to_end(legacy_files, tmp_path):
     (tmp_path / "legacy" / "tiny").mkdir(parents=True)
     os.link(legacy_files["tl2"], tmp_path / "legacy" / "tiny" / "tiny_p11_seed999.pth")
     configfile = write_config(
-        tmp_path / "config.yaml", tiny_config(primes=[5], seeds=[0], training={"num_epochs": 10, "checkpoint_every": 5})
+        tmp_path / "config.yaml",
+        tiny_config(primes=[5, 11], seeds=[0], training={"num_epochs": 10, "checkpoint_every": 5}),
     )
     dry = snakemake(tmp_path, "-n", "--cores", "1", configfile=configfile)
-    assert "rule convert:" in dry.stdout and "rule train:" in dry.stdout  # all: the grid run + the legacy run
-    assert "tiny_p11_seed999" in dry.stdout and "tiny_p5_seed0" in dry.stdout
+    # all: the legacy run converts; the grid runs train, p = 11 seed 0 too (its prime is the legacy run's)
+    made_by = {
+        run: [rule for rule, outputs in dry_jobs(dry.stdout) if f"{run}/metadata.json" in outputs]
+        for run in ("tiny_p11_seed999", "tiny_p11_seed0", "tiny_p5_seed0")
+    }
+    expected = {"tiny_p11_seed999": ["convert"], "tiny_p11_seed0": ["train"], "tiny_p5_seed0": ["train"]}
+    assert made_by == expected, dry.stdout
     snakemake(
         tmp_path,
         "--cores",

@@ -15,6 +15,10 @@ rule convert:
         metadata=f"{RUN}/metadata.json",
     log:
         "logs/{model_name}/convert/{model_name}_p{prime}_seed{seed}.log",
+    wildcard_constraints:
+        model_name=legacy_pattern(0),
+        prime=legacy_pattern(1),
+        seed=legacy_pattern(2),
     conda:
         CONDA_ENV
     threads: 1
