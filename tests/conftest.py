@@ -74,6 +74,22 @@ def snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout
     return proc
 
 
+def jobs_planned(proc) -> dict:
+    """Job counts from a dry run's 'Job stats' table."""
+    counts, in_table = {}, False
+    for line in proc.stdout.splitlines():
+        if line.startswith("job") and "count" in line:
+            in_table = True
+            continue
+        if in_table:
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit():
+                counts[parts[0]] = int(parts[1])
+            elif counts:
+                break
+    return counts
+
+
 def grokpipe_cli(*args: str, timeout: int = 600, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "grokpipe", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd

@@ -4,29 +4,13 @@ import json
 
 import pytest
 import torch
-from conftest import run_dir_of, snakemake, tiny_config, write_config
+from conftest import jobs_planned, run_dir_of, snakemake, tiny_config, write_config
 from transformer_lens import HookedTransformer
 
 import grokpipe
 from grokpipe.io.safetensors_io import read_metadata
 
 GRID = [(5, 0), (5, 1), (7, 0), (7, 1)]
-
-
-def jobs_planned(proc) -> dict:
-    """Job counts from a dry run's 'Job stats' table."""
-    counts, in_table = {}, False
-    for line in proc.stdout.splitlines():
-        if line.startswith("job") and "count" in line:
-            in_table = True
-            continue
-        if in_table:
-            parts = line.split()
-            if len(parts) == 2 and parts[1].isdigit():
-                counts[parts[0]] = int(parts[1])
-            elif counts:
-                break
-    return counts
 
 
 @pytest.mark.parametrize("prime,seed", GRID)
