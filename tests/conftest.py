@@ -90,6 +90,15 @@ def jobs_planned(proc) -> dict:
     return counts
 
 
+def dry_jobs(stdout: str) -> list[tuple[str, str]]:
+    """(rule, its output line) for every job of a dry run's printout."""
+    jobs = []
+    for block in stdout.split("\nrule ")[1:]:
+        outputs = [line.strip() for line in block.splitlines() if line.strip().startswith("output:")]
+        jobs.append((block.split(":", 1)[0], outputs[0] if outputs else ""))
+    return jobs
+
+
 def grokpipe_cli(*args: str, timeout: int = 600, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "grokpipe", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import grokpipe_cli, run_dir_of, snakemake, tiny_config, write_config
+from conftest import dry_jobs, grokpipe_cli, run_dir_of, snakemake, tiny_config, write_config
 from legacy_fixtures import Payload, save_legacy, train_demo
 from transformer_lens import HookedTransformer
 
@@ -167,15 +167,6 @@ def test_wrong_content_is_refused(demo_run, legacy_files, tmp_path):
     with pytest.raises(GrokpipeError, match="not the causal mask"):
         convert(path, tmp_path / "grokking_p11_seed999")
     assert not (tmp_path / "grokking_p11_seed999").exists()
-
-
-def dry_jobs(stdout: str) -> list[tuple[str, str]]:
-    """(rule, its output line) for every job of a dry run's printout."""
-    jobs = []
-    for block in stdout.split("\nrule ")[1:]:
-        outputs = [line.strip() for line in block.splitlines() if line.strip().startswith("output:")]
-        jobs.append((block.split(":", 1)[0], outputs[0] if outputs else ""))
-    return jobs
 
 
 def test_convert_rule_end_to_end(legacy_files, tmp_path):
