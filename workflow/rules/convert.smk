@@ -16,9 +16,9 @@ rule convert:
     log:
         "logs/{model_name}/convert/{model_name}_p{prime}_seed{seed}.log",
     wildcard_constraints:
-        model_name=legacy_pattern(0),
-        prime=legacy_pattern(1),
-        seed=legacy_pattern(2),
+        model_name=legacy_pattern("model_name"),
+        prime=legacy_pattern("prime"),
+        seed=legacy_pattern("seed"),
     conda:
         CONDA_ENV
     threads: 1
