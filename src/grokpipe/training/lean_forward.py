@@ -162,29 +162,34 @@ def flush_subnormal_(x: torch.Tensor) -> torch.Tensor:
 
 class _CrossEntropy(torch.autograd.Function):
     """The demo's loss (mean of −log_softmax at the label, in float64) to float32 rounding, in
-    about half the time: the exponentials of the max-shifted logits (each ≤ 1) are float32, their
-    sums, logs and the label's gradient float64. The label's gradient is −(the other classes'
-    exponentials) / sum, exact where 1 − softmax cancels (the demo loses it below ~1e-13). The
-    gradient's subnormal entries are zeroed (:func:`flush_subnormal_`)."""
+    less than half the time. The exponentials of the max-shifted logits (each ≤ 1) are float32, and
+    so is the sum of all but the label's; that sum plus the label's exponential, the log and the
+    label's gradient are float64. With the label's term apart, a confident example's loss
+    log(1 + others) keeps ``others`` to float32's relative precision where a float32 sum of all
+    terms would round 1 + others to 1, without the float64 sum over every logit (~1.2 of ~2.5 ms on
+    the test split at p = 113). The label's gradient is −others / sum, exact where 1 − softmax
+    cancels (the demo loses it below ~1e-13). The gradient's subnormal entries are zeroed
+    (:func:`flush_subnormal_`)."""
 
     @staticmethod
     def forward(ctx, logits, labels):
         top = logits.amax(dim=-1, keepdim=True)
         exps = (logits - top).exp_()
-        sums = exps.sum(dim=-1, dtype=torch.float64)
-        picked = logits.gather(1, labels[:, None])[:, 0]
-        ctx.save_for_backward(exps, sums, labels)
-        return (top[:, 0].double() - picked.double() + sums.log()).mean()
+        at_label = labels[:, None]
+        label_exp = exps.gather(1, at_label)[:, 0]
+        others = exps.scatter_(1, at_label, 0.0).sum(dim=-1).double()
+        sums = label_exp.double() + others
+        picked = logits.gather(1, at_label)[:, 0]
+        ctx.save_for_backward(exps, sums, others, labels)
+        return ((top[:, 0] - picked).double() + sums.log()).mean()
 
     @staticmethod
     def backward(ctx, grad):
-        exps, sums, labels = ctx.saved_tensors
+        exps, sums, others, labels = ctx.saved_tensors
         scale = grad / len(exps)
         rows = torch.arange(len(exps), device=exps.device)
-        others = sums - exps[rows, labels].double()
-        label_grad = (-(others / sums) * scale).to(exps.dtype)
-        grad_logits = exps.mul_((scale / sums).to(exps.dtype)[:, None])  # softmax × scale
-        grad_logits[rows, labels] = label_grad
+        grad_logits = exps.mul_((scale / sums).to(exps.dtype)[:, None])  # softmax × scale, 0 at the label
+        grad_logits[rows, labels] = (-(others / sums) * scale).to(exps.dtype)
         return flush_subnormal_(grad_logits), None
 
 
