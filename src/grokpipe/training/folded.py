@@ -50,7 +50,7 @@ from ..config import LEAN_ACT_FNS
 
 ACTIVATIONS = {name: getattr(F, name) for name in LEAN_ACT_FNS}  # torch.nn.functional.relu, ...
 COMPOSED_BACKWARD = False  # tests set it to check, on the CPU, the backward other devices take
-BLOCK = 512  # examples per block when evaluating on the CPU
+BLOCK = 1024  # examples per block when evaluating on the CPU (see _evaluate)
 
 
 def padded(n: int) -> int:
@@ -108,10 +108,18 @@ def _pair_ids(tokens: torch.Tensor, n_vocab: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class TokenPlan:
     """Where each example's rows sit in the tables of ``layout``; depends only on the tokens, so a
-    run builds it once per token tensor."""
+    run builds it once per token tensor.
+
+    The examples are processed in the lexicographic order of their tokens (``order``), and results
+    return to the order of the tokens given (``inverse``). Consecutive examples then share their
+    first position's rows, and the rows of the others are read in ascending order: the row sums
+    read the tables from cache rather than memory (~7 % of an epoch at p = 113 on a CPU whose
+    2 MB L2 cache holds half of the 2.3 MB table; in-process A/B)."""
 
     layout: TableLayout
     n_examples: int
+    order: torch.Tensor  # (B,): the example each processed position holds
+    inverse: torch.Tensor  # (B,): the processed position of each example
     pair_index: torch.Tensor  # (B, P): each example's pairs
     query_index: torch.Tensor  # (B,): its last token
     score_index: torch.Tensor  # (P·B,): column of the (H, U·Q) score table, position-major
@@ -124,6 +132,12 @@ class TokenPlan:
         if tokens.shape[1] != layout.n_pos:
             raise ValueError(f"tokens have {tokens.shape[1]} positions, the table layout {layout.n_pos}")
         n_batch = len(tokens)
+        example_order = torch.arange(n_batch, device=tokens.device)
+        for position in reversed(range(tokens.shape[1])):  # stable sorts, last key first: lexicographic
+            example_order = example_order[torch.argsort(tokens[example_order, position], stable=True)]
+        inverse = torch.empty_like(example_order)
+        inverse[example_order] = torch.arange(n_batch, device=tokens.device)
+        tokens = tokens[example_order]
         ids = _pair_ids(tokens, layout.n_vocab)
         pair_index = torch.searchsorted(layout.pair_ids, ids)
         query_index = torch.searchsorted(layout.query_tok, tokens[:, -1].contiguous())
@@ -142,6 +156,8 @@ class TokenPlan:
         return cls(
             layout=layout,
             n_examples=n_batch,
+            order=example_order,
+            inverse=inverse,
             pair_index=pair_index,
             query_index=query_index,
             score_index=(pair_index * len(layout.query_tok) + query_index[:, None]).T.reshape(-1),
@@ -211,13 +227,14 @@ def attention_pattern(tables: Tables, plan: TokenPlan) -> torch.Tensor:
 
 
 def resid_mid(model, tables: Tables, plan: TokenPlan) -> torch.Tensor:
-    """Residual stream after attention at the last position, (B, d_model)."""
+    """Residual stream after attention at the last position, (B, d_model), in the tokens' order."""
     attn = model.blocks[0].attn
     pattern = attention_pattern(tables, plan)
     v = tables.values[:, plan.pair_index]  # (H, B, P, E)
     z = (pattern.transpose(1, 2).unsqueeze(-1) * v).sum(dim=2)  # (H, B, E)
     x = (tables.query_embed + attn.b_O)[plan.query_index]
-    return torch.addmm(x, z.transpose(0, 1).reshape(plan.n_examples, -1), attn.W_O.reshape(-1, attn.W_O.shape[-1]))
+    out = torch.addmm(x, z.transpose(0, 1).reshape(plan.n_examples, -1), attn.W_O.reshape(-1, attn.W_O.shape[-1]))
+    return out.index_select(0, plan.inverse)
 
 
 def single_layer_resid_mid(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -228,7 +245,8 @@ def single_layer_resid_mid(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def logits(model, tables: Tables, plan: TokenPlan) -> torch.Tensor:
-    """Last-position logits, (B, d_vocab_out), from tables made by :func:`build_tables`."""
+    """Last-position logits, (B, d_vocab_out), in the tokens' order, from tables made by
+    :func:`build_tables`."""
     cfg = model.cfg
     n_out = model.unembed.W_U.shape[1]
     pattern = attention_pattern(tables, plan)
@@ -239,18 +257,20 @@ def logits(model, tables: Tables, plan: TokenPlan) -> torch.Tensor:
     # The hand-written backward serves the CPU; elsewhere autograd composes torch's own ops.
     custom = torch.is_grad_enabled() and rows.device.type == "cpu" and not COMPOSED_BACKWARD
     if cfg.attn_only:
-        return _RowSum.apply(rows, weights, plan) if custom else _row_sum(rows, weights, plan)
+        out = _RowSum.apply(rows, weights, plan) if custom else _row_sum(rows, weights, plan)
+        return out.index_select(0, plan.inverse)
     if custom:
         return _FoldedLogits.apply(rows, weights, folded, plan, cfg.act_fn)[:, :n_out]
     if not torch.is_grad_enabled():
         return _evaluate(rows, weights, folded, plan, cfg.act_fn)[:, :n_out]
     out = _row_sum(rows, weights, plan)
-    return torch.addmm(out[:, cfg.d_mlp :], ACTIVATIONS[cfg.act_fn](out[:, : cfg.d_mlp]), folded)[:, :n_out]
+    out = torch.addmm(out[:, cfg.d_mlp :], ACTIVATIONS[cfg.act_fn](out[:, : cfg.d_mlp]), folded)
+    return out.index_select(0, plan.inverse)[:, :n_out]
 
 
 def _row_sum(rows, weights, plan: TokenPlan, part: slice = slice(None)):
     """``out[b] = sum_j weights[b, j] * rows[row_index[b, j]]``, for the examples in ``part``
-    (``weights`` are theirs)."""
+    (``weights`` are theirs), in the plan's order."""
     return F.embedding_bag(plan.row_index[part], rows, per_sample_weights=weights, mode="sum")
 
 
@@ -309,6 +329,7 @@ class _FoldedLogits(torch.autograd.Function):
 
     One function, so the activation runs in place and the gradient of ``out`` is assembled in one
     buffer (autograd would zero-fill and add a full-size gradient for each of the column slices).
+    The logits leave in the tokens' order; their gradient returns to the plan's.
     """
 
     @staticmethod
@@ -319,12 +340,12 @@ class _FoldedLogits(torch.autograd.Function):
         hidden = _activate(pre, act_fn)
         ctx.save_for_backward(rows, weights, folded, None if act_fn == "relu" else pre, hidden)
         ctx.plan, ctx.act_fn = plan, act_fn
-        return torch.addmm(direct, hidden, folded)
+        return torch.addmm(direct, hidden, folded).index_select(0, plan.inverse)
 
     @staticmethod
     def backward(ctx, grad):
         rows, weights, folded, pre, hidden = ctx.saved_tensors
-        grad = grad.contiguous()
+        grad = grad.index_select(0, ctx.plan.order)
         d_mlp = folded.shape[0]
         grad_out = torch.empty(len(grad), rows.shape[1], dtype=grad.dtype, device=grad.device)
         torch.mm(grad, folded.T, out=grad_out[:, :d_mlp])  # the product writes straight into its columns
@@ -337,8 +358,12 @@ class _FoldedLogits(torch.autograd.Function):
 
 def _evaluate(rows, weights, folded, plan: TokenPlan, act_fn: str):
     """``direct + act(pre) @ folded`` with no graph, the activation in place, in blocks of examples
-    on the CPU: a block's [pre | direct] (1.3 MB at the demo's size) stays in cache from the row
-    sum to the product, ~20 % faster than whole-batch passes."""
+    on the CPU, so a block's [pre | direct] (2.6 MB at the demo's size) is still in cache when the
+    product reads it. Each block's logits are copied to their examples' rows (the tokens' order)
+    while still in cache. The best block depends on the caches: blocks of 512 were ~20 % faster than
+    whole-batch passes on an AMD EPYC (1 MB L2) and 1,024 as fast as 512 there; on an Intel Xeon
+    (2 MB L2), with the examples in token order, 1,024 to 4,096 and whole batches are ~3 % faster than
+    512 (in-process A/B)."""
     d_mlp, n = folded.shape[0], plan.n_examples
     block = BLOCK if rows.device.type == "cpu" else max(n, 1)
     result = torch.empty(n, folded.shape[1], dtype=rows.dtype, device=rows.device)
@@ -346,5 +371,5 @@ def _evaluate(rows, weights, folded, plan: TokenPlan, act_fn: str):
         part = slice(start, start + block)
         out = _row_sum(rows, weights[part], plan, part)
         hidden = _activate(out[:, :d_mlp], act_fn)
-        torch.addmm(out[:, d_mlp:], hidden, folded, out=result[part])
+        result.index_copy_(0, plan.order[part], torch.addmm(out[:, d_mlp:], hidden, folded))
     return result
