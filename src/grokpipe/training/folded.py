@@ -112,9 +112,9 @@ class TokenPlan:
 
     The examples are processed in the lexicographic order of their tokens (``order``), and results
     return to the order of the tokens given (``inverse``). Consecutive examples then share their
-    first position's rows, and the rows of the others are read in ascending order: the row sums
-    read the tables from cache rather than memory (~7 % of an epoch at p = 113 on a CPU whose
-    2 MB L2 cache holds half of the 2.3 MB table; in-process A/B)."""
+    first position's rows, and the rows of the others are read in ascending order, so the row sums
+    find the 2.3 MB of tables in cache (an epoch at p = 113 -6 % on an Intel Xeon with 2 MB of L2
+    per core, in-process A/B; the row sums alone -25 to -40 % with cold caches)."""
 
     layout: TableLayout
     n_examples: int
@@ -361,7 +361,8 @@ def _evaluate(rows, weights, folded, plan: TokenPlan, act_fn: str):
     on the CPU, so a block's [pre | direct] (2.6 MB at the demo's size) is still in cache when the
     product reads it. Each block's logits are copied to their examples' rows (the tokens' order)
     while still in cache. The best block depends on the caches: blocks of 512 were ~20 % faster than
-    whole-batch passes on an AMD EPYC (1 MB L2) and 1,024 as fast as 512 there; on an Intel Xeon
+    whole-batch passes on an AMD EPYC (1 MB L2) and 1,024 as fast as 512 there (examples in the
+    given order); on an Intel Xeon
     (2 MB L2), with the examples in token order, 1,024 to 4,096 and whole batches are ~3 % faster than
     512 (in-process A/B)."""
     d_mlp, n = folded.shape[0], plan.n_examples
