@@ -362,9 +362,8 @@ def _evaluate(rows, weights, folded, plan: TokenPlan, act_fn: str):
     product reads it. Each block's logits are copied to their examples' rows (the tokens' order)
     while still in cache. The best block depends on the caches: blocks of 512 were ~20 % faster than
     whole-batch passes on an AMD EPYC (1 MB L2) and 1,024 as fast as 512 there (examples in the
-    given order); on an Intel Xeon
-    (2 MB L2), with the examples in token order, 1,024 to 4,096 and whole batches are ~3 % faster than
-    512 (in-process A/B)."""
+    given order); on an Intel Xeon (2 MB L2), with the examples in token order, 1,024 to 4,096 and
+    whole batches are ~3 % faster than 512 (in-process A/B)."""
     d_mlp, n = folded.shape[0], plan.n_examples
     block = BLOCK if rows.device.type == "cpu" else max(n, 1)
     result = torch.empty(n, folded.shape[1], dtype=rows.dtype, device=rows.device)
