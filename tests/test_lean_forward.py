@@ -177,7 +177,7 @@ def test_tables_are_built_once_per_parameter_update(monkeypatch):
 def test_lean_cross_entropy_matches_the_demo_loss(margin):
     """Float32 exponentials, float64 sums: the demo's loss to float32 rounding, from uncertain to
     very confident predictions (where the demo's 1 - softmax cancels, ours keeps the label's gradient)."""
-    from grokpipe.training.lean_forward import cross_entropy
+    from grokpipe.training.cross_entropy import cross_entropy
 
     generator = torch.Generator().manual_seed(0)
     logits = 3 * torch.randn(500, 113, generator=generator)
@@ -199,7 +199,7 @@ def test_lean_cross_entropy_gradient_has_no_subnormals():
     """Late in training the softmax of wrong classes falls below float32's smallest normal; those
     gradient entries are zeroed (subnormals cost Intel CPUs a microcode assist per operation),
     every other entry is the demo's."""
-    from grokpipe.training.lean_forward import cross_entropy
+    from grokpipe.training.cross_entropy import cross_entropy
 
     tiny = torch.finfo(torch.float32).tiny
     generator = torch.Generator().manual_seed(1)
@@ -232,7 +232,7 @@ def test_token_plan_processes_examples_in_token_order():
 
 
 def test_flush_subnormal_zeroes_only_subnormals():
-    from grokpipe.training.lean_forward import flush_subnormal_
+    from grokpipe.training.cross_entropy import flush_subnormal_
 
     tiny = torch.finfo(torch.float32).tiny
     x = torch.tensor([1e-39, -1e-39, 1e-45, tiny, -tiny, 0.0, 1.0, -2.5e-30])

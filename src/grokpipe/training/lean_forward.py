@@ -12,12 +12,10 @@ Checked against HookedTransformer in the tests (logits and gradients agree to fl
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 from . import folded
+from .cross_entropy import cross_entropy
 from .folded import ACTIVATIONS, TableLayout, TokenPlan
 
 
@@ -148,63 +146,6 @@ class LeanForward:
                 kept = (versions, folded.build_tables(self.model, self.layout))
         self._kept = kept
         return kept[1]
-
-
-SUBNORMAL_EXPONENT = -87.0  # exp(x) is float32-subnormal below x = -87.34
-
-
-def flush_subnormal_(x: torch.Tensor) -> torch.Tensor:
-    """Zero the subnormal entries of ``x`` (|x| below the smallest normal float), in place.
-
-    Confident predictions give gradients below 1.2e-38 (float32's smallest normal: softmax
-    entries of exp(-88) and less, divided by the batch): ~1 % of the logits' gradient by epoch
-    ~1,000 at p = 113. Intel CPUs multiply subnormals through a microcode assist, ~100x slower than
-    normal numbers (a 3830 x 128 x 512 product: 445 ms against 4 ms), which made the folded
-    backward 4-5x slower late in training. Such an entry is lost in float32 against any normal
-    term of the sums it joins, and AdamW divides by sqrt(v) + 1e-8, so it moves no update; zeroing it
-    changes rounding only where a sum holds nothing but subnormals.
-    """
-    return x.masked_fill_(x.abs() < torch.finfo(x.dtype).tiny, 0.0)
-
-
-class _CrossEntropy(torch.autograd.Function):
-    """The demo's loss (mean of −log_softmax at the label, in float64) to float32 rounding, in
-    less than half the time. The exponentials of the max-shifted logits (each ≤ 1) are float32, and
-    so is the sum of all but the label's; that sum plus the label's exponential, the log and the
-    label's gradient are float64. With the label's term apart, a confident example's loss
-    log(1 + others) keeps ``others`` to float32's relative precision where a float32 sum of all
-    terms would round 1 + others to 1, without the float64 sum over every logit (~1.2 of ~2.5 ms on
-    the test split at p = 113). The label's gradient is −others / sum, exact where 1 − softmax
-    cancels (the demo loses it below ~1e-13). The gradient's subnormal entries are zeroed
-    (:func:`flush_subnormal_`)."""
-
-    @staticmethod
-    def forward(ctx, logits, labels):
-        top = logits.amax(dim=-1, keepdim=True)
-        # Terms below e^-87 of the top (subnormal exponentials, ~100x slower to compute and add on
-        # Intel CPUs) are exactly 0. Each sum includes the top's 1, so a loss moves by < 113·e^-87.
-        exps = F.threshold_(logits - top, SUBNORMAL_EXPONENT, -math.inf).exp_()
-        at_label = labels[:, None]
-        label_exp = exps.gather(1, at_label)[:, 0]
-        others = exps.scatter_(1, at_label, 0.0).sum(dim=-1).double()
-        sums = label_exp.double() + others
-        picked = logits.gather(1, at_label)[:, 0]
-        ctx.save_for_backward(exps, sums, others, labels)
-        return ((top[:, 0] - picked).double() + sums.log()).mean()
-
-    @staticmethod
-    def backward(ctx, grad):
-        exps, sums, others, labels = ctx.saved_tensors
-        scale = grad / len(exps)
-        rows = torch.arange(len(exps), device=exps.device)
-        grad_logits = exps.mul_((scale / sums).to(exps.dtype)[:, None])  # softmax × scale, 0 at the label
-        grad_logits[rows, labels] = (-(others / sums) * scale).to(exps.dtype)
-        return flush_subnormal_(grad_logits), None
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The lean implementation's loss: see :class:`_CrossEntropy`."""
-    return _CrossEntropy.apply(logits, labels)
 
 
 def loss_for(implementation: str):
