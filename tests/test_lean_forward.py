@@ -9,7 +9,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from grokpipe.config import grid, validate_config
 from grokpipe.training import folded
 from grokpipe.training.data import make_split
-from grokpipe.training.lean_forward import forward_fn, last_position_logits, unsupported_reason
+from grokpipe.training.lean_forward import forward_fn, last_position_logits, objective_fn, unsupported_reason
 from grokpipe.training.model import loss_fn
 from grokpipe.training.train import train
 
@@ -73,6 +73,36 @@ def test_logits_and_gradients_match_hooked_transformer(fields, composed, varying
     assert grads["ref"].keys() == grads["lean"].keys()
     for name in grads["ref"]:
         assert torch.allclose(grads["lean"][name], grads["ref"][name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("composed", [False, True], ids=["cpu-backward", "composed-backward"])
+@pytest.mark.parametrize("fields", CONFIGS, ids=lambda f: f"{f['n_layers']}L-{f.get('act_fn', 'attn_only')}")
+def test_objective_matches_the_demo_loss_on_hooked_transformer(fields, composed, monkeypatch):
+    """The loss training and verification compute (labels following the logits into the plan's
+    order for one-layer models): value, with and without a graph, and gradients, on shuffled
+    examples so that the plan's order is not theirs."""
+    monkeypatch.setattr(folded, "COMPOSED_BACKWARD", composed)
+    p = 13
+    model = perturbed_model(p, fields)
+    split = make_split(p, 0.5, 598)
+    shuffle = torch.randperm(len(split.test_tokens), generator=torch.Generator().manual_seed(2))
+    tokens, labels = split.test_tokens[shuffle], split.test_labels[shuffle]
+    objective = objective_fn(model, "lean", (split.train_tokens, tokens))
+    if fields["n_layers"] == 1:
+        assert not torch.equal(objective.__self__.plans[1].order, torch.arange(len(tokens)))
+
+    model.zero_grad()
+    reference = loss_fn(model(tokens)[:, -1], labels)
+    reference.backward()
+    expected = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+    model.zero_grad()
+    ours = objective(tokens, labels)
+    ours.backward()
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+    for name, grad in expected.items():
+        assert torch.allclose(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6), name
+    with torch.inference_mode():
+        assert objective(tokens, labels).item() == pytest.approx(reference.item(), rel=1e-5)
 
 
 def test_unsupported_configs_fall_back_to_hooked_transformer():

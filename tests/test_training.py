@@ -14,7 +14,7 @@ from grokpipe.io.safetensors_io import read_metadata
 from grokpipe.layout import RunLayout
 from grokpipe.training import resume
 from grokpipe.training.data import make_split
-from grokpipe.training.lean_forward import forward_fn, loss_for
+from grokpipe.training.lean_forward import objective_fn
 from grokpipe.training.model import loss_fn
 from grokpipe.training.train import grokking_epoch, train
 
@@ -81,8 +81,8 @@ def test_recorded_test_loss_recomputes_from_checkpoint_weights(tmp_path):
     for epoch in meta["checkpoint_epochs"]:
         model = grokpipe.load_model(run, epoch=epoch)
         with torch.inference_mode():
-            forward = forward_fn(model, "lean", (split.train_tokens, split.test_tokens))  # as train() builds it
-            same_forward = loss_for("lean")(forward(split.test_tokens), split.test_labels).item()
+            objective = objective_fn(model, "lean", (split.train_tokens, split.test_tokens))  # as train() builds it
+            same_forward = objective(split.test_tokens, split.test_labels).item()
             hooked = loss_fn(model(split.test_tokens), split.test_labels).item()
         assert same_forward == meta["test_losses"][epoch]  # bit-exact with the forward that trained it
         assert hooked == pytest.approx(meta["test_losses"][epoch], rel=1e-5)  # and HookedTransformer agrees

@@ -267,7 +267,7 @@ def segment_of(metadata: dict, epoch: int) -> dict:
 
 def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, loaded: dict, recompute) -> None:
     from ..training.data import all_pairs
-    from ..training.lean_forward import forward_fn, loss_for
+    from ..training.lean_forward import objective_fn
 
     prime, test_losses = metadata.get("prime"), metadata.get("test_losses")
     try:
@@ -286,7 +286,7 @@ def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, 
     else:
         chosen = sample_epochs(epochs, 1, budget=int(recompute))
     model = loaded["model"]
-    forwards = {}  # one per implementation: its token plans are built once, not per epoch
+    objectives = {}  # one per implementation: its token plans are built once, not per epoch
     for epoch in chosen:
         if not isinstance(test_losses, list) or epoch >= len(test_losses) or test_losses[epoch] is None:
             continue
@@ -295,13 +295,12 @@ def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, 
         env = segment_of(metadata, epoch)
         rel_tol, abs_tol = SAME_MACHINE_TOLERANCE if trained and env.get("device") == "cpu" else OTHER_MACHINE_TOLERANCE
         implementation = env.get("implementation") or "hooked_transformer"
-        if implementation not in forwards:
+        if implementation not in objectives:
             # The token tensors training gave its forward: the same table layout, the same arithmetic.
-            forwards[implementation] = forward_fn(model, implementation, (train_tokens, test_tokens))
-        forward, loss_fn = forwards[implementation], loss_for(implementation)
+            objectives[implementation] = objective_fn(model, implementation, (train_tokens, test_tokens))
         with _threads(env.get("threads")), torch.inference_mode():
             model.load_state_dict(loaded["states"][epoch], strict=True)
-            value = loss_fn(forward(test_tokens), test_labels).item()
+            value = objectives[implementation](test_tokens, test_labels).item()
         recorded = test_losses[epoch]
         if abs(value - recorded) > rel_tol * abs(recorded) + abs_tol:
             report.problem(

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import LEAN_ACT_FNS
+from .cross_entropy import cross_entropy
 
 ACTIVATIONS = {name: getattr(F, name) for name in LEAN_ACT_FNS}  # torch.nn.functional.relu, ...
 COMPOSED_BACKWARD = False  # tests set it to check, on the CPU, the backward other devices take
@@ -110,11 +111,12 @@ class TokenPlan:
     """Where each example's rows sit in the tables of ``layout``; depends only on the tokens, so a
     run builds it once per token tensor.
 
-    The examples are processed in the lexicographic order of their tokens (``order``), and results
-    return to the order of the tokens given (``inverse``). Consecutive examples then share their
-    first position's rows, and the rows of the others are read in ascending order, so the row sums
-    find the 2.3 MB of tables in cache (an epoch at p = 113 -6 % on an Intel Xeon with 2 MB of L2
-    per core, in-process A/B; the row sums alone -25 to -40 % with cold caches)."""
+    The examples are processed in the lexicographic order of their tokens (``order``), and logits
+    return to the order of the tokens given (``inverse``; a loss takes the labels to theirs).
+    Consecutive examples then share their first position's rows, and the rows of the others are
+    read in ascending order, so the row sums find the 2.3 MB of tables in cache (an epoch at
+    p = 113 -6 % on an Intel Xeon with 2 MB of L2 per core, in-process A/B; the row sums alone -25
+    to -40 % with cold caches)."""
 
     layout: TableLayout
     n_examples: int
@@ -247,6 +249,20 @@ def single_layer_resid_mid(model, tokens: torch.Tensor) -> torch.Tensor:
 def logits(model, tables: Tables, plan: TokenPlan) -> torch.Tensor:
     """Last-position logits, (B, d_vocab_out), in the tokens' order, from tables made by
     :func:`build_tables`."""
+    return _plan_logits(model, tables, plan).index_select(0, plan.inverse)
+
+
+def loss(model, tables: Tables, plan: TokenPlan, labels: torch.Tensor) -> torch.Tensor:
+    """The lean loss (:func:`grokpipe.training.cross_entropy.cross_entropy`) of the last-position
+    logits against ``labels`` (in the tokens' order), from tables made by :func:`build_tables`.
+    The labels follow the logits into the plan's order instead of the logits returning to the
+    tokens' (a mean does not depend on the order): no copy back of the logits, nor of their
+    gradient, and evaluation blocks write their logits in place (~1.3 ms of an epoch at p = 113)."""
+    return cross_entropy(_plan_logits(model, tables, plan), labels.index_select(0, plan.order))
+
+
+def _plan_logits(model, tables: Tables, plan: TokenPlan) -> torch.Tensor:
+    """Last-position logits, (B, d_vocab_out), in the plan's order."""
     cfg = model.cfg
     n_out = model.unembed.W_U.shape[1]
     pattern = attention_pattern(tables, plan)
@@ -257,15 +273,13 @@ def logits(model, tables: Tables, plan: TokenPlan) -> torch.Tensor:
     # The hand-written backward serves the CPU; elsewhere autograd composes torch's own ops.
     custom = torch.is_grad_enabled() and rows.device.type == "cpu" and not COMPOSED_BACKWARD
     if cfg.attn_only:
-        out = _RowSum.apply(rows, weights, plan) if custom else _row_sum(rows, weights, plan)
-        return out.index_select(0, plan.inverse)
+        return _RowSum.apply(rows, weights, plan) if custom else _row_sum(rows, weights, plan)
     if custom:
         return _FoldedLogits.apply(rows, weights, folded, plan, cfg.act_fn)[:, :n_out]
     if not torch.is_grad_enabled():
         return _evaluate(rows, weights, folded, plan, cfg.act_fn)[:, :n_out]
     out = _row_sum(rows, weights, plan)
-    out = torch.addmm(out[:, cfg.d_mlp :], ACTIVATIONS[cfg.act_fn](out[:, : cfg.d_mlp]), folded)
-    return out.index_select(0, plan.inverse)[:, :n_out]
+    return torch.addmm(out[:, cfg.d_mlp :], ACTIVATIONS[cfg.act_fn](out[:, : cfg.d_mlp]), folded)[:, :n_out]
 
 
 def _row_sum(rows, weights, plan: TokenPlan, part: slice = slice(None)):
@@ -329,7 +343,7 @@ class _FoldedLogits(torch.autograd.Function):
 
     One function, so the activation runs in place and the gradient of ``out`` is assembled in one
     buffer (autograd would zero-fill and add a full-size gradient for each of the column slices).
-    The logits leave in the tokens' order; their gradient returns to the plan's.
+    The logits are in the plan's order.
     """
 
     @staticmethod
@@ -340,12 +354,12 @@ class _FoldedLogits(torch.autograd.Function):
         hidden = _activate(pre, act_fn)
         ctx.save_for_backward(rows, weights, folded, None if act_fn == "relu" else pre, hidden)
         ctx.plan, ctx.act_fn = plan, act_fn
-        return torch.addmm(direct, hidden, folded).index_select(0, plan.inverse)
+        return torch.addmm(direct, hidden, folded)
 
     @staticmethod
     def backward(ctx, grad):
         rows, weights, folded, pre, hidden = ctx.saved_tensors
-        grad = grad.index_select(0, ctx.plan.order)
+        grad = grad.contiguous()
         d_mlp = folded.shape[0]
         grad_out = torch.empty(len(grad), rows.shape[1], dtype=grad.dtype, device=grad.device)
         torch.mm(grad, folded.T, out=grad_out[:, :d_mlp])  # the product writes straight into its columns
@@ -359,11 +373,11 @@ class _FoldedLogits(torch.autograd.Function):
 def _evaluate(rows, weights, folded, plan: TokenPlan, act_fn: str):
     """``direct + act(pre) @ folded`` with no graph, the activation in place, in blocks of examples
     on the CPU, so a block's [pre | direct] (2.6 MB at the demo's size) is still in cache when the
-    product reads it. Each block's logits are copied to their examples' rows (the tokens' order)
-    while still in cache. The best block depends on the caches: blocks of 512 were ~20 % faster than
-    whole-batch passes on an AMD EPYC (1 MB L2) and 1,024 as fast as 512 there (examples in the
-    given order); on an Intel Xeon (2 MB L2), with the examples in token order, 1,024 to 4,096 and
-    whole batches are ~3 % faster than 512 (in-process A/B)."""
+    product reads it; the product writes straight into the block's rows of the result (the plan's
+    order). The best block depends on the caches: blocks of 512 were ~20 % faster than whole-batch
+    passes on an AMD EPYC (1 MB L2) and 1,024 as fast as 512 there (examples in the given order);
+    on an Intel Xeon (2 MB L2), with the examples in token order, 1,024 to 4,096 and whole batches
+    are ~3 % faster than 512 (in-process A/B)."""
     d_mlp, n = folded.shape[0], plan.n_examples
     block = BLOCK if rows.device.type == "cpu" else max(n, 1)
     result = torch.empty(n, folded.shape[1], dtype=rows.dtype, device=rows.device)
@@ -371,5 +385,5 @@ def _evaluate(rows, weights, folded, plan: TokenPlan, act_fn: str):
         part = slice(start, start + block)
         out = _row_sum(rows, weights[part], plan, part)
         hidden = _activate(out[:, :d_mlp], act_fn)
-        result.index_copy_(0, plan.order[part], torch.addmm(out[:, d_mlp:], hidden, folded))
+        torch.addmm(out[:, d_mlp:], hidden, folded, out=result[part])
     return result

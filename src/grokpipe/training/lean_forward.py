@@ -131,6 +131,14 @@ class LeanForward:
             return last_position_logits(self.model, tokens)
         return folded.logits(self.model, self._tables(), self.plans[known])
 
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The lean loss of the logits of ``tokens`` against ``labels`` (for the token sets given
+        to one-layer models, with the logits in the plan's order: :func:`folded.loss`)."""
+        known = next((i for i, t in enumerate(self.token_sets) if t is tokens), None)
+        if self.layout is None or known is None:
+            return cross_entropy(last_position_logits(self.model, tokens), labels)
+        return folded.loss(self.model, self._tables(), self.plans[known], labels)
+
     def _versions(self) -> tuple:
         return tuple((id(p), p._version, p.data_ptr()) for p in self.model.parameters())
 
@@ -163,3 +171,13 @@ def forward_fn(model, implementation: str, token_sets=(), optimizer=None):
     if implementation == "lean" and unsupported_reason(model.cfg) is None:
         return LeanForward(model, token_sets, optimizer)
     return lambda tokens: model(tokens)[:, -1]
+
+
+def objective_fn(model, implementation: str, token_sets=(), optimizer=None):
+    """The callable training and verification compute losses with: (tokens, labels) -> the loss of
+    :func:`loss_for` on the last-position logits (arguments as :func:`forward_fn`)."""
+    forward = forward_fn(model, implementation, token_sets, optimizer)
+    if isinstance(forward, LeanForward):
+        return forward.loss
+    loss = loss_for(implementation)
+    return lambda tokens, labels: loss(forward(tokens), labels)

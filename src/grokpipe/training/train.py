@@ -30,7 +30,7 @@ from ..layout import RunLayout
 from ..writer_lock import writer_lock
 from . import resume
 from .data import make_split
-from .lean_forward import forward_fn, loss_for, unsupported_reason
+from .lean_forward import objective_fn, unsupported_reason
 from .model import config_to_json, resolve_device, training_model
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,7 @@ def _train_locked(spec: RunSpec, run_dir: Path, device: str, threads: int, thres
         betas=t.betas,
         fused=implementation == "lean",
     )
-    forward = forward_fn(model, implementation, (split.train_tokens, split.test_tokens), optimizer)
-    loss_fn = loss_for(implementation)
+    objective = objective_fn(model, implementation, (split.train_tokens, split.test_tokens), optimizer)
     hooked_config = config_to_json(model.cfg)
 
     loaded, why = resume.load(layout, spec.config_hash, t.num_epochs)
@@ -239,14 +238,14 @@ def _train_locked(spec: RunSpec, run_dir: Path, device: str, threads: int, thres
         ascii=True,
     )
     for epoch in bar:
-        train_loss = loss_fn(forward(split.train_tokens), split.train_labels)
+        train_loss = objective(split.train_tokens, split.train_labels)
         train_loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         test_loss = None
         if is_eval_epoch(epoch, t):
             with torch.inference_mode():
-                test_loss = loss_fn(forward(split.test_tokens), split.test_labels).item()
+                test_loss = objective(split.test_tokens, split.test_labels).item()
         train_value = train_loss.item()
         progress.train_losses.append(finite_or_none(train_value))
         progress.test_losses.append(None if test_loss is None else finite_or_none(test_loss))
