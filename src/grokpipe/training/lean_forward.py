@@ -126,18 +126,24 @@ class LeanForward:
         self._kept = None
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        known = next((i for i, t in enumerate(self.token_sets) if t is tokens), None)
-        if self.layout is None or known is None:
+        plan = self._plan(tokens)
+        if plan is None:
             return last_position_logits(self.model, tokens)
-        return folded.logits(self.model, self._tables(), self.plans[known])
+        return folded.logits(self.model, self._tables(), plan)
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The lean loss of the logits of ``tokens`` against ``labels`` (for the token sets given
         to one-layer models, with the logits in the plan's order: :func:`folded.loss`)."""
-        known = next((i for i, t in enumerate(self.token_sets) if t is tokens), None)
-        if self.layout is None or known is None:
+        plan = self._plan(tokens)
+        if plan is None:
             return cross_entropy(last_position_logits(self.model, tokens), labels)
-        return folded.loss(self.model, self._tables(), self.plans[known], labels)
+        return folded.loss(self.model, self._tables(), plan, labels)
+
+    def _plan(self, tokens: torch.Tensor) -> TokenPlan | None:
+        """The plan built for ``tokens`` (one of the token sets given, by identity), else None."""
+        if self.layout is None:
+            return None
+        return next((plan for t, plan in zip(self.token_sets, self.plans) if t is tokens), None)
 
     def _versions(self) -> tuple:
         return tuple((id(p), p._version, p.data_ptr()) for p in self.model.parameters())
