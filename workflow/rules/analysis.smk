@@ -6,7 +6,7 @@ localrules:
 
 
 # One job checks a run and draws its loss curves: each job costs Snakemake ~2.5 ms of DAG work (a plot
-# job per run was ~18 % of a 1,000-run dry run) and a real run one more process start.
+# job per run was ~18 % of a 1,000-run dry run) and, on a cluster, one more submission.
 # The curves are drawn first, from metadata.json alone; a failed check fails the job (and Snakemake
 # removes its figures with it), while verification.json in the run keeps what was found.
 rule verify:
