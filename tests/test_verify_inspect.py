@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import grokpipe_cli, run_dir_of, snakemake
 
+import grokpipe
 from grokpipe.analysis import inspect_run
 from grokpipe.analysis.inspect_run import inspect_path, list_runs
 from grokpipe.analysis.verify import sample_epochs, verify_run
@@ -56,6 +57,27 @@ def test_verify_clean_run_cli(run_copy):
     proc = grokpipe_cli("verify", str(run_copy), "--report", str(run_copy / "verify.json"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok (4 files, 4 hashes, 4 strict loads, 3 test losses recomputed)" in proc.stdout
+
+
+def test_analyze_cli_draws_verifies_then_measures_only_a_run_that_verifies(run_copy):
+    artifacts = run_copy / "artifacts"
+    shutil.rmtree(artifacts, ignore_errors=True)
+    report = run_copy / "verify.json"
+    proc = grokpipe_cli("analyze", str(run_copy), "--report", str(report), "--progress", "--key-frequencies", "1,2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(report.read_text())["ok"] and (artifacts / "loss_curves.png").stat().st_size > 1000
+    rows = (artifacts / "progress_measures.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(grokpipe.list_epochs(run_copy))
+    assert json.loads((artifacts / "key_frequencies.json").read_text())["key_frequencies"] == [1, 2]
+
+    shutil.rmtree(artifacts)
+    report.unlink()
+    path, _ = truncate(run_copy)
+    proc = grokpipe_cli("analyze", str(run_copy), "--report", str(report), "--progress")
+    assert proc.returncode == 1 and f"{path}:" in proc.stdout and "Traceback" not in proc.stderr
+    assert not json.loads((run_copy / "verification.json").read_text())["ok"]  # kept in the run
+    assert (artifacts / "loss_curves.png").exists()  # from metadata.json alone, before the check
+    assert not (artifacts / "progress_measures.csv").exists(), "no measures of a run that failed verification"
 
 
 def truncate(run):

@@ -291,6 +291,17 @@ def cmd_progress(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    """What the workflow's analysis job does with one run, in one process (one torch import): the
+    loss curves (from metadata.json alone), the verification, then, for a run that passed, the
+    progress measures. The exit status is the verification's."""
+    cmd_plot(args)
+    status = cmd_verify(args)
+    if status == 0 and args.progress:
+        cmd_progress(args)
+    return status
+
+
 def frequency_list(text: str) -> list[int] | None:
     """``--key-frequencies``: comma-separated positive integers, or ``auto``."""
     if text == "auto":
@@ -408,6 +419,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated key frequencies (default auto: from the final model's embedding)",
     )
     p.set_defaults(func=cmd_progress)
+
+    p = sub.add_parser(
+        "analyze",
+        help="plot, verify and (with --progress) the progress measures of a run: the workflow's analysis job",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--report", help="also write the verification's findings as JSON to this file")
+    p.add_argument("--recompute", default="auto", type=recompute_choice, help="as for verify")
+    p.add_argument("--progress", action="store_true", help="also the progress measures, if the run verifies")
+    p.add_argument("--key-frequencies", type=frequency_list, default=None, help="as for progress")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("summarize", help="summary table (CSV, Markdown) and test-curve figure of several runs")
     p.add_argument("--out-dir", required=True)
