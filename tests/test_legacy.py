@@ -206,6 +206,18 @@ def test_convert_rule_end_to_end(legacy_files, tmp_path):
     assert not run_dir_of(tmp_path, 5, 0).exists()  # only what was asked for ran
 
 
+def test_legacy_runs_keep_their_progress_measures_when_the_grid_model_has_none(legacy_files, tmp_path):
+    (tmp_path / "legacy" / "tiny").mkdir(parents=True)
+    os.link(legacy_files["tl2"], tmp_path / "legacy" / "tiny" / "tiny_p11_seed999.pth")
+    config = tiny_config(primes=[5], seeds=[0], model={"act_fn": "gelu_new"})  # no progress measures
+    configfile = write_config(tmp_path / "config.yaml", config)
+    jobs = dry_jobs(snakemake(tmp_path, "-n", "--cores", "1", configfile=configfile).stdout)
+    analyze = sorted(outputs for rule, outputs in jobs if rule == "analyze")
+    assert len(analyze) == 2 and not any("progress_measures" in outputs for outputs in analyze), jobs
+    progress = [outputs for rule, outputs in jobs if rule == "progress"]
+    assert len(progress) == 1 and "tiny_p11_seed999/artifacts/progress_measures.csv" in progress[0], jobs
+
+
 def with_entry(demo_run, key, value):
     data = dict(demo_run)
     data[key] = value

@@ -1,38 +1,42 @@
-# Verification and analysis artifacts of every run, and a summary of each grid.
+# The analysis of every run (loss curves, verification, progress measures) and a summary of each grid.
 
 
 localrules:
     summarize,
 
 
-# One job checks a run and draws its loss curves: each job costs Snakemake ~2.5 ms of DAG work (a plot
-# job per run was ~18 % of a 1,000-run dry run) and, on a cluster, one more submission.
-# The curves are drawn first, from metadata.json alone; a failed check fails the job (and Snakemake
-# removes its figures with it), while verification.json in the run keeps what was found.
-rule verify:
+# One job per run draws its loss curves, checks it and computes its progress measures: each job
+# costs Snakemake ~2.5 ms of DAG work (separate plot and progress jobs were ~45 % of a 1,000-run dry
+# run), on a cluster one more submission, and each `grokpipe` process imports torch again.
+# The curves come first (from metadata.json alone); a failed check fails the job before the
+# measures (Snakemake removes the job's outputs), while verification.json in the run keeps what
+# was found.
+rule analyze:
     input:
         model=f"{RUN}/{{model_name}}_p{{prime}}_seed{{seed}}.safetensors",
         config=f"{RUN}/config.json",
         metadata=f"{RUN}/metadata.json",
     output:
+        **(PROGRESS_OUTPUTS if GRID_HAS_PROGRESS else {}),
         report=f"{RUN}/verify.json",
-        png=report(
+        curves_png=report(
             f"{RUN}/artifacts/loss_curves.png",
             caption="../report/loss_curves.rst",
             category="Loss curves",
             labels={"model": "{model_name}", "prime": "{prime}", "seed": "{seed}"},
         ),
-        svg=f"{RUN}/artifacts/loss_curves.svg",
+        curves_svg=f"{RUN}/artifacts/loss_curves.svg",
     log:
-        "logs/{model_name}/verify/{model_name}_p{prime}_seed{seed}.log",
+        "logs/{model_name}/analyze/{model_name}_p{prime}_seed{seed}.log",
     conda:
         CONDA_ENV
     threads: 1
     params:
         run_dir=run_dir,
+        progress=analysis_progress_flags(),
     shell:
-        "grokpipe plot {params.run_dir:q} > {log:q} 2>&1"
-        " && grokpipe verify {params.run_dir:q} --report {output.report:q} >> {log:q} 2>&1"
+        "grokpipe analyze {params.run_dir:q} --report {output.report:q} {params.progress}"
+        " > {log:q} 2>&1"
 
 
 rule summarize:

@@ -112,12 +112,13 @@ def run_file(run, name):
     return f"{RUN.format(model_name=model_name, prime=prime, seed=seed)}/{name}"
 
 
+# Progress measures need a one-layer model with an MLP: legacy runs (the demo's) and grids whose
+# model is one.
+GRID_HAS_PROGRESS = progress_unsupported_reason(config["model"]) is None
+
+
 def has_progress(run):
-    """Progress measures need a one-layer model with an MLP: legacy runs (the demo's) and grids
-    whose model is one."""
-    return progress_unsupported_reason(config["model"]) is None or run in set(
-        legacy_runs()
-    )
+    return GRID_HAS_PROGRESS or run in set(legacy_runs())
 
 
 def key_frequencies_flag():
@@ -125,8 +126,18 @@ def key_frequencies_flag():
     return ",".join(map(str, frequencies)) if frequencies else "auto"
 
 
+def analysis_progress_flags():
+    """`grokpipe analyze` flags: the progress measures too when the grid's model has them."""
+    if not GRID_HAS_PROGRESS:
+        return ""
+    return f"--progress --key-frequencies {key_frequencies_flag()}"
+
+
 def run_outputs(run):
-    names = ["metadata.json", "verify.json", "artifacts/loss_curves.png"]
+    """The files `all` asks for per run: one of each job's outputs (a job with any output missing
+    reruns), so not metadata.json, the analysis job's input; each named file costs the dry run a
+    lookup."""
+    names = ["verify.json", "artifacts/loss_curves.png"]
     if has_progress(run):
         names.append("artifacts/progress_measures.csv")
     names += [f"exports/{which}.json" for which in config["export"]]
@@ -171,8 +182,8 @@ def consolidate_dtype_flag():
 
 
 def final_targets():
-    """Per run: metadata, verification, loss curves, progress measures; per model: the grid summary;
-    per imported checkpoint: its consolidation."""
+    """Per run: its training and analysis (run_outputs); per model: the grid summary; per imported
+    checkpoint: its consolidation."""
     per_run = [path for run in runs() for path in run_outputs(run)]
     per_model = [
         f"{RESULTS}/{model_name}/summary.csv"
