@@ -10,10 +10,11 @@ through folded = W_out @ W_U, one d_mlp × p matrix. K = H·P + 1 in general; wh
 in the same token (modular addition's "="), each head's weights sum to 1, so that token's value
 rows join the token row and the others hold their difference from it: K = H·(P − 1) + 1.
 
-The tables are built with autograd from the HookedTransformer's own parameters (it stays the model
-of record: same state dict, optimizer, checkpoints), so every gradient reaches them; the weighted
-row sum and the MLP have one hand-written backward (:class:`_FoldedLogits`) whose cost scales with
-the table rows, not with the batch.
+The tables are built from the HookedTransformer's own parameters (it stays the model of record:
+same state dict, optimizer, checkpoints), so every gradient reaches them; the weighted row sum and
+the MLP have one hand-written backward (:class:`_FoldedLogits`) whose cost scales with the table
+rows, not with the batch, and so does the folding of the tables (:class:`_Fold`; the attention
+tables before it use autograd).
 
 Multiply-accumulates per example (P = 3 positions, H heads of E dims, d = d_model, m = d_mlp,
 p' = p padded to a multiple of 16, W = m + p'; the demo: H = 4, E = 32, d = 128, m = 512, p = 113,
@@ -203,6 +204,11 @@ def build_tables(model, layout: TableLayout) -> Tables:
     cfg, attn = model.cfg, model.blocks[0].attn
     tables = attention_tables(model, layout)
     W_U, b_U = model.unembed.W_U, model.unembed.b_U
+    if not cfg.attn_only and torch.is_grad_enabled() and W_U.device.type == "cpu" and not COMPOSED_BACKWARD:
+        mlp = model.blocks[0].mlp
+        params = (attn.W_O, attn.b_O, mlp.W_in, mlp.b_in, mlp.W_out, mlp.b_out, W_U, b_U)
+        tables.rows, tables.folded = _Fold.apply(tables.values, tables.query_embed, layout.shared_last, *params)
+        return tables
     pad = padded(W_U.shape[1]) - W_U.shape[1]
     if cfg.attn_only:
         read, bias = W_U, b_U
@@ -223,6 +229,72 @@ def build_tables(model, layout: TableLayout) -> Tables:
     value_rows = torch.bmm(values, head_read)  # (H, U, W)
     tables.rows = torch.cat([value_rows.reshape(-1, read.shape[1]), token_rows])
     return tables
+
+
+class _Fold(torch.autograd.Function):
+    """:func:`build_tables`' rows and ``folded`` of a model with an MLP, with one hand-written
+    backward: the same products autograd runs, without its zero-filled slice gradients, padding
+    and concatenation copies, or one graph node per operation (the tables' build and backward
+    are a few dozen small operations each epoch)."""
+
+    @staticmethod
+    def forward(ctx, values, query_embed, shared_last, W_O, b_O, W_in, b_in, W_out, b_out, W_U, b_U):
+        n_heads, head_dim, d_model = W_O.shape
+        d_mlp, n_out = W_in.shape[1], W_U.shape[1]
+        pad = padded(n_out) - n_out
+        read = F.pad(torch.cat([W_in, W_U], dim=1), (0, pad))  # (d_model, W)
+        width = read.shape[1]
+        bias = F.pad(torch.cat([b_in, b_out @ W_U + b_U]), (0, pad))
+        folded = F.pad(W_out @ W_U, (0, pad))
+        W_O_flat = W_O.reshape(n_heads * head_dim, d_model)
+        head_read = (W_O_flat @ read).view(n_heads, head_dim, width)  # W_O[h] @ read
+        resid = query_embed + b_O
+        last = values[:, -1] if shared_last else None  # (H, E): see build_tables
+        value_part = values[:, :-1] - last[:, None] if shared_last else values
+        n_value_rows = n_heads * value_part.shape[1]
+        rows = torch.empty(n_value_rows + len(query_embed), width, dtype=read.dtype, device=read.device)
+        torch.bmm(value_part, head_read, out=rows[:n_value_rows].view(n_heads, -1, width))
+        token_rows = torch.addmm(bias, resid, read, out=rows[n_value_rows:])
+        if shared_last:
+            token_rows += last.reshape(1, -1) @ head_read.view(-1, width)
+        ctx.save_for_backward(value_part, last, resid, read, head_read, W_O_flat, W_out, W_U, b_out)
+        ctx.shared_last, ctx.d_mlp = shared_last, d_mlp
+        return rows, folded
+
+    @staticmethod
+    def backward(ctx, grad_rows, grad_folded):
+        value_part, last, resid, read, head_read, W_O_flat, W_out, W_U, b_out = ctx.saved_tensors
+        n_heads, n_value, head_dim = value_part.shape
+        d_mlp, n_out, width = ctx.d_mlp, W_U.shape[1], read.shape[1]
+        grad_value_rows = grad_rows[: n_heads * n_value].view(n_heads, n_value, width)
+        grad_token_rows = grad_rows[n_heads * n_value :]
+        grad_values = torch.bmm(grad_value_rows, head_read.transpose(1, 2))  # (H, U_v, E)
+        grad_head_read = torch.bmm(value_part.transpose(1, 2), grad_value_rows).view(-1, width)  # (H·E, W)
+        grad_bias = grad_token_rows.sum(0)
+        if ctx.shared_last:
+            # v_last feeds the token rows (once per last token) and every value row (negated).
+            grad_last = (head_read.view(-1, width) @ grad_bias).view(n_heads, head_dim) - grad_values.sum(1)
+            grad_head_read.addr_(last.reshape(-1), grad_bias)
+            grad_values = torch.cat([grad_values, grad_last[:, None]], dim=1)
+        grad_resid = grad_token_rows @ read.T
+        grad_read = torch.addmm(resid.T @ grad_token_rows, W_O_flat.T, grad_head_read)  # (d_model, W)
+        grad_W_O = (grad_head_read @ read.T).view(n_heads, head_dim, -1)
+        grad_bias_U = grad_bias[d_mlp : d_mlp + n_out]
+        grad_folded = grad_folded[:, :n_out]
+        grad_W_U = grad_read[:, d_mlp : d_mlp + n_out] + torch.outer(b_out, grad_bias_U) + W_out.T @ grad_folded
+        return (
+            grad_values,
+            grad_resid,  # query_embed's
+            None,
+            grad_W_O,
+            grad_resid.sum(0),  # b_O's
+            grad_read[:, :d_mlp].contiguous(),
+            grad_bias[:d_mlp],
+            grad_folded @ W_U.T,  # W_out's
+            W_U @ grad_bias_U,  # b_out's
+            grad_W_U,
+            grad_bias_U,
+        )
 
 
 def attention_pattern(tables: Tables, plan: TokenPlan) -> torch.Tensor:
