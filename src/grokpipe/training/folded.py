@@ -13,8 +13,8 @@ rows join the token row and the others hold their difference from it: K = H·(P 
 The tables are built from the HookedTransformer's own parameters (it stays the model of record:
 same state dict, optimizer, checkpoints), so every gradient reaches them; the weighted row sum and
 the MLP have one hand-written backward (:class:`_FoldedLogits`) whose cost scales with the table
-rows, not with the batch, and so does the folding of the tables (:class:`_Fold`; the attention
-tables before it use autograd).
+rows, not with the batch, and so do the tables' build (:class:`_AttentionTables`, :class:`_Fold`;
+on other devices autograd composes torch's own operations).
 
 Multiply-accumulates per example (P = 3 positions, H heads of E dims, d = d_model, m = d_mlp,
 p' = p padded to a multiple of 16, W = m + p'; the demo: H = 4, E = 32, d = 128, m = 512, p = 113,
@@ -186,10 +186,19 @@ class Tables:
     folded: torch.Tensor | None = None  # (d_mlp, p'): W_out @ W_U, zero-padded
 
 
+def _hand_written_backward(device: torch.device) -> bool:
+    """Whether training takes the hand-written backwards: on the CPU (elsewhere autograd composes
+    torch's own operations), with a graph."""
+    return torch.is_grad_enabled() and device.type == "cpu" and not COMPOSED_BACKWARD
+
+
 def attention_tables(model, layout: TableLayout) -> Tables:
     """Embeddings, values and attention scores of every pair and last token of ``layout``."""
     attn = model.blocks[0].attn
     W_E, W_pos = model.embed.W_E, model.pos_embed.W_pos
+    if _hand_written_backward(W_E.device):
+        params = (W_E, W_pos, attn.W_Q, attn.b_Q, attn.W_K, attn.b_K, attn.W_V, attn.b_V)
+        return Tables(*_AttentionTables.apply(layout, float(attn.attn_scale), *params))
     pair_embed = W_E[layout.pair_ids % layout.n_vocab] + W_pos[layout.pair_ids // layout.n_vocab]
     query_embed = W_E[layout.query_tok] + W_pos[layout.n_pos - 1]
     keys = torch.matmul(pair_embed, attn.W_K) + attn.b_K[:, None]  # (H, U, E)
@@ -204,7 +213,7 @@ def build_tables(model, layout: TableLayout) -> Tables:
     cfg, attn = model.cfg, model.blocks[0].attn
     tables = attention_tables(model, layout)
     W_U, b_U = model.unembed.W_U, model.unembed.b_U
-    if not cfg.attn_only and torch.is_grad_enabled() and W_U.device.type == "cpu" and not COMPOSED_BACKWARD:
+    if not cfg.attn_only and _hand_written_backward(W_U.device):
         mlp = model.blocks[0].mlp
         params = (attn.W_O, attn.b_O, mlp.W_in, mlp.b_in, mlp.W_out, mlp.b_out, W_U, b_U)
         tables.rows, tables.folded = _Fold.apply(tables.values, tables.query_embed, layout.shared_last, *params)
@@ -229,6 +238,56 @@ def build_tables(model, layout: TableLayout) -> Tables:
     value_rows = torch.bmm(values, head_read)  # (H, U, W)
     tables.rows = torch.cat([value_rows.reshape(-1, read.shape[1]), token_rows])
     return tables
+
+
+class _AttentionTables(torch.autograd.Function):
+    """:func:`attention_tables` with one hand-written backward: the keys, values and queries of
+    all heads as one product each, no broadcast products or graph node per operation."""
+
+    @staticmethod
+    def forward(ctx, layout: TableLayout, scale: float, W_E, W_pos, W_Q, b_Q, W_K, b_K, W_V, b_V):
+        n_heads, d_model, head_dim = W_K.shape
+        tok, pos = layout.pair_ids % layout.n_vocab, layout.pair_ids // layout.n_vocab
+        pair_embed = W_E[tok] + W_pos[pos]  # (U, d_model)
+        query_embed = W_E[layout.query_tok] + W_pos[layout.n_pos - 1]  # (Q, d_model)
+
+        def heads(x, W, b):  # (N, d_model) -> (H, N, E)
+            flat = x @ W.transpose(0, 1).reshape(d_model, -1)  # (N, H·E)
+            return flat.view(len(x), n_heads, head_dim).transpose(0, 1) + b[:, None]
+
+        keys, values, queries = heads(pair_embed, W_K, b_K), heads(pair_embed, W_V, b_V), heads(query_embed, W_Q, b_Q)
+        score_tab = torch.bmm(keys, queries.transpose(1, 2)).div_(scale)  # (H, U, Q)
+        ctx.save_for_backward(pair_embed, query_embed, keys, queries, W_Q, W_K, W_V, tok, pos)
+        ctx.layout, ctx.scale, ctx.n_vocab, ctx.n_ctx = layout, scale, len(W_E), len(W_pos)
+        return query_embed, values.contiguous(), score_tab.view(n_heads, -1)
+
+    @staticmethod
+    def backward(ctx, grad_query_embed, grad_values, grad_scores):
+        pair_embed, query_embed, keys, queries, W_Q, W_K, W_V, tok, pos = ctx.saved_tensors
+        n_heads, d_model, head_dim = W_K.shape
+        layout = ctx.layout
+        grad_scores = grad_scores.view(n_heads, len(pair_embed), -1) / ctx.scale  # (H, U, Q)
+        grad_keys = torch.bmm(grad_scores, queries)  # (H, U, E)
+        grad_queries = torch.bmm(grad_scores.transpose(1, 2), keys)  # (H, Q, E)
+        grad_pair = torch.zeros_like(pair_embed)
+        grad_query = torch.zeros_like(query_embed) if grad_query_embed is None else grad_query_embed.clone()
+        grads = []
+        for x, grad_x, grad_heads, W in (
+            (query_embed, grad_query, grad_queries, W_Q),
+            (pair_embed, grad_pair, grad_keys, W_K),
+            (pair_embed, grad_pair, grad_values, W_V),
+        ):
+            if grad_heads is None:
+                grads += [torch.zeros_like(W), torch.zeros(n_heads, head_dim, dtype=W.dtype, device=W.device)]
+                continue
+            flat = grad_heads.transpose(0, 1).reshape(len(x), -1)  # (N, H·E)
+            grad_x.addmm_(flat, W.transpose(0, 1).reshape(d_model, -1).T)
+            grads += [(x.T @ flat).view(d_model, n_heads, head_dim).transpose(0, 1), grad_heads.sum(1)]
+        grad_W_E = torch.zeros(ctx.n_vocab, d_model, dtype=pair_embed.dtype, device=pair_embed.device)
+        grad_W_E.index_add_(0, tok, grad_pair).index_add_(0, layout.query_tok, grad_query)
+        grad_W_pos = torch.zeros(ctx.n_ctx, d_model, dtype=pair_embed.dtype, device=pair_embed.device)
+        grad_W_pos.index_add_(0, pos, grad_pair)[layout.n_pos - 1] += grad_query.sum(0)
+        return None, None, grad_W_E, grad_W_pos, *grads
 
 
 class _Fold(torch.autograd.Function):
@@ -348,8 +407,7 @@ def _plan_logits(model, tables: Tables, plan: TokenPlan) -> torch.Tensor:
     weighted = pattern[:, : plan.layout.n_weighted]
     weights = F.pad(weighted.permute(2, 0, 1).reshape(plan.n_examples, -1), (0, 1), value=1.0)
     rows, folded = tables.rows, tables.folded
-    # The hand-written backward serves the CPU; elsewhere autograd composes torch's own ops.
-    custom = torch.is_grad_enabled() and rows.device.type == "cpu" and not COMPOSED_BACKWARD
+    custom = _hand_written_backward(rows.device)
     if cfg.attn_only:
         return _RowSum.apply(rows, weights, plan) if custom else _row_sum(rows, weights, plan)
     if custom:
