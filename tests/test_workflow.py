@@ -82,6 +82,18 @@ def test_rerun_with_nothing_changed_does_nothing(trained_grid):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("name", ["verify.json", "artifacts/loss_curves.png", "artifacts/progress_measures.csv"])
+def test_a_deleted_analysis_output_is_made_again(trained_grid, tmp_path, name):
+    path = run_dir_of(trained_grid["workdir"], 7, 1) / name
+    path.rename(tmp_path / "kept")
+    try:
+        proc = snakemake(trained_grid["workdir"], "-n", "--cores", "1", configfile=trained_grid["configfile"])
+    finally:
+        (tmp_path / "kept").rename(path)  # the session's grid as it was (same mtime)
+    assert jobs_planned(proc) == {"analyze": 1, "summarize": 1, "all": 1, "total": 3}, proc.stdout
+    assert "tiny_p7_seed1/verify.json" in proc.stdout
+
+
 def test_changed_hyperparameter_reruns_affected_runs(trained_grid, tmp_path):
     configfile = write_config(tmp_path / "lr.yaml", tiny_config(training={"lr": 0.002}))
     proc = snakemake(trained_grid["workdir"], "-n", "--cores", "1", configfile=configfile)
