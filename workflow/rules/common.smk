@@ -134,10 +134,9 @@ def analysis_progress_flags():
 
 
 def run_outputs(run):
-    """The files `all` asks for per run: one of each job's outputs (a job with any output missing
-    reruns), so not metadata.json, the analysis job's input; each named file costs the dry run a
-    lookup."""
-    names = ["verify.json", "artifacts/loss_curves.png"]
+    """The files `all` asks for per run. Snakemake remakes a missing file only if a job that must
+    run needs it or it is asked for here, not when it is the input of an up-to-date job."""
+    names = ["metadata.json", "verify.json", "artifacts/loss_curves.png"]
     if has_progress(run):
         names.append("artifacts/progress_measures.csv")
     names += [f"exports/{which}.json" for which in config["export"]]
