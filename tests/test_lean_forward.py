@@ -42,6 +42,24 @@ def perturbed_model(p, fields):
     return model
 
 
+def test_attention_tables_backward_with_only_the_values_used_matches_autograd(monkeypatch):
+    model = perturbed_model(13, CONFIGS[0])
+    tokens = make_split(13, 0.5, 598).train_tokens
+    layout = folded.TableLayout.covering([tokens], 14, model.cfg.n_heads)
+    grads = []
+    for composed in (False, True):
+        monkeypatch.setattr(folded, "COMPOSED_BACKWARD", composed)
+        model.zero_grad()
+        tables = folded.attention_tables(model, layout)
+        (tables.values * torch.linspace(-1, 1, tables.values.numel()).view_as(tables.values)).sum().backward()
+        grads.append(
+            {name: torch.zeros_like(p) if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+        )
+    assert grads[0]["blocks.0.attn.W_V"].abs().sum() > 0 and grads[0]["blocks.0.attn.W_K"].abs().sum() == 0
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, msg=name)
+
+
 @pytest.mark.parametrize("varying_last", [False, True], ids=["shared-last-token", "varying-last-token"])
 @pytest.mark.parametrize("composed", [False, True], ids=["cpu-backward", "composed-backward"])
 @pytest.mark.parametrize("fields", CONFIGS, ids=lambda f: f"{f['n_layers']}L-{f.get('act_fn', 'attn_only')}")

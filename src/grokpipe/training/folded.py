@@ -266,6 +266,8 @@ class _AttentionTables(torch.autograd.Function):
         pair_embed, query_embed, keys, queries, W_Q, W_K, W_V, tok, pos = ctx.saved_tensors
         n_heads, d_model, head_dim = W_K.shape
         layout = ctx.layout
+        if grad_scores is None:  # the scores unused (only values read): no gradient through them
+            grad_scores = torch.zeros(n_heads, len(pair_embed) * len(query_embed), dtype=keys.dtype)
         grad_scores = grad_scores.view(n_heads, len(pair_embed), -1) / ctx.scale  # (H, U, Q)
         grad_keys = torch.bmm(grad_scores, queries)  # (H, U, E)
         grad_queries = torch.bmm(grad_scores.transpose(1, 2), keys)  # (H, Q, E)
