@@ -266,22 +266,17 @@ class _AttentionTables(torch.autograd.Function):
         pair_embed, query_embed, keys, queries, W_Q, W_K, W_V, tok, pos = ctx.saved_tensors
         n_heads, d_model, head_dim = W_K.shape
         layout = ctx.layout
-        if grad_scores is None:  # the scores unused (only values read): no gradient through them
-            grad_scores = torch.zeros(n_heads, len(pair_embed) * len(query_embed), dtype=keys.dtype)
         grad_scores = grad_scores.view(n_heads, len(pair_embed), -1) / ctx.scale  # (H, U, Q)
         grad_keys = torch.bmm(grad_scores, queries)  # (H, U, E)
         grad_queries = torch.bmm(grad_scores.transpose(1, 2), keys)  # (H, Q, E)
         grad_pair = torch.zeros_like(pair_embed)
-        grad_query = torch.zeros_like(query_embed) if grad_query_embed is None else grad_query_embed.clone()
+        grad_query = grad_query_embed.clone()  # autograd gives unused outputs zero gradients, never None
         grads = []
         for x, grad_x, grad_heads, W in (
             (query_embed, grad_query, grad_queries, W_Q),
             (pair_embed, grad_pair, grad_keys, W_K),
             (pair_embed, grad_pair, grad_values, W_V),
         ):
-            if grad_heads is None:
-                grads += [torch.zeros_like(W), torch.zeros(n_heads, head_dim, dtype=W.dtype, device=W.device)]
-                continue
             flat = grad_heads.transpose(0, 1).reshape(len(x), -1)  # (N, H·E)
             grad_x.addmm_(flat, W.transpose(0, 1).reshape(d_model, -1).T)
             grads += [(x.T @ flat).view(d_model, n_heads, head_dim).transpose(0, 1), grad_heads.sum(1)]
