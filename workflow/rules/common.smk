@@ -135,7 +135,8 @@ def analysis_progress_flags():
 
 def run_outputs(run):
     """The files `all` asks for per run. Snakemake remakes a missing file only if a job that
-    must run needs it or it is asked for here, not when it is an up-to-date job's input."""
+    must run needs it or it is asked for here, not when it is an up-to-date job's input.
+    """
     names = ["metadata.json", "verify.json", "artifacts/loss_curves.png"]
     if has_progress(run):
         names.append("artifacts/progress_measures.csv")
