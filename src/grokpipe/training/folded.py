@@ -195,17 +195,27 @@ def _hand_written_backward(device: torch.device) -> bool:
 def attention_tables(model, layout: TableLayout) -> Tables:
     """Embeddings, values and attention scores of every pair and last token of ``layout``."""
     attn = model.blocks[0].attn
-    W_E, W_pos = model.embed.W_E, model.pos_embed.W_pos
-    if _hand_written_backward(W_E.device):
-        params = (W_E, W_pos, attn.W_Q, attn.b_Q, attn.W_K, attn.b_K, attn.W_V, attn.b_V)
+    params = (model.embed.W_E, model.pos_embed.W_pos, attn.W_Q, attn.b_Q, attn.W_K, attn.b_K, attn.W_V, attn.b_V)
+    if _hand_written_backward(attn.W_K.device):
         return Tables(*_AttentionTables.apply(layout, float(attn.attn_scale), *params))
-    pair_embed = W_E[layout.pair_ids % layout.n_vocab] + W_pos[layout.pair_ids // layout.n_vocab]
-    query_embed = W_E[layout.query_tok] + W_pos[layout.n_pos - 1]
-    keys = torch.matmul(pair_embed, attn.W_K) + attn.b_K[:, None]  # (H, U, E)
-    values = torch.matmul(pair_embed, attn.W_V) + attn.b_V[:, None]
-    queries = torch.matmul(query_embed, attn.W_Q) + attn.b_Q[:, None]  # (H, Q, E)
-    score_tab = torch.bmm(keys, queries.transpose(1, 2)) / attn.attn_scale  # (H, U, Q)
-    return Tables(query_embed, values, score_tab.reshape(len(score_tab), -1))
+    _, query_embed, _, values, _, score_tab = _attention_forward(layout, float(attn.attn_scale), *params)
+    return Tables(query_embed, values, score_tab.view(len(score_tab), -1))
+
+
+def _attention_forward(layout: TableLayout, scale: float, W_E, W_pos, W_Q, b_Q, W_K, b_K, W_V, b_V):
+    """(pair embeddings, last-token embeddings, keys, values, queries, scores (H, U, Q)); the keys,
+    values and queries of all heads as one product each."""
+    n_heads, d_model, head_dim = W_K.shape
+    pair_embed = W_E[layout.pair_ids % layout.n_vocab] + W_pos[layout.pair_ids // layout.n_vocab]  # (U, d)
+    query_embed = W_E[layout.query_tok] + W_pos[layout.n_pos - 1]  # (Q, d_model)
+
+    def heads(x, W, b):  # (N, d_model) -> (H, N, E)
+        flat = x @ W.transpose(0, 1).reshape(d_model, -1)  # (N, H·E)
+        return flat.view(len(x), n_heads, head_dim).transpose(0, 1) + b[:, None]
+
+    keys, values, queries = heads(pair_embed, W_K, b_K), heads(pair_embed, W_V, b_V), heads(query_embed, W_Q, b_Q)
+    score_tab = torch.bmm(keys, queries.transpose(1, 2)) / scale  # (H, U, Q)
+    return pair_embed, query_embed, keys, values.contiguous(), queries, score_tab
 
 
 def build_tables(model, layout: TableLayout) -> Tables:
@@ -241,31 +251,23 @@ def build_tables(model, layout: TableLayout) -> Tables:
 
 
 class _AttentionTables(torch.autograd.Function):
-    """:func:`attention_tables` with one hand-written backward: the keys, values and queries of
-    all heads as one product each, no broadcast products or graph node per operation."""
+    """:func:`_attention_forward` with one hand-written backward: no broadcast products or graph
+    node per operation."""
 
     @staticmethod
     def forward(ctx, layout: TableLayout, scale: float, W_E, W_pos, W_Q, b_Q, W_K, b_K, W_V, b_V):
-        n_heads, d_model, head_dim = W_K.shape
-        tok, pos = layout.pair_ids % layout.n_vocab, layout.pair_ids // layout.n_vocab
-        pair_embed = W_E[tok] + W_pos[pos]  # (U, d_model)
-        query_embed = W_E[layout.query_tok] + W_pos[layout.n_pos - 1]  # (Q, d_model)
-
-        def heads(x, W, b):  # (N, d_model) -> (H, N, E)
-            flat = x @ W.transpose(0, 1).reshape(d_model, -1)  # (N, H·E)
-            return flat.view(len(x), n_heads, head_dim).transpose(0, 1) + b[:, None]
-
-        keys, values, queries = heads(pair_embed, W_K, b_K), heads(pair_embed, W_V, b_V), heads(query_embed, W_Q, b_Q)
-        score_tab = torch.bmm(keys, queries.transpose(1, 2)).div_(scale)  # (H, U, Q)
-        ctx.save_for_backward(pair_embed, query_embed, keys, queries, W_Q, W_K, W_V, tok, pos)
+        out = _attention_forward(layout, scale, W_E, W_pos, W_Q, b_Q, W_K, b_K, W_V, b_V)
+        pair_embed, query_embed, keys, values, queries, score_tab = out
+        ctx.save_for_backward(pair_embed, query_embed, keys, queries, W_Q, W_K, W_V)
         ctx.layout, ctx.scale, ctx.n_vocab, ctx.n_ctx = layout, scale, len(W_E), len(W_pos)
-        return query_embed, values.contiguous(), score_tab.view(n_heads, -1)
+        return query_embed, values, score_tab.view(len(score_tab), -1)
 
     @staticmethod
     def backward(ctx, grad_query_embed, grad_values, grad_scores):
-        pair_embed, query_embed, keys, queries, W_Q, W_K, W_V, tok, pos = ctx.saved_tensors
+        pair_embed, query_embed, keys, queries, W_Q, W_K, W_V = ctx.saved_tensors
         n_heads, d_model, head_dim = W_K.shape
         layout = ctx.layout
+        tok, pos = layout.pair_ids % layout.n_vocab, layout.pair_ids // layout.n_vocab
         grad_scores = grad_scores.view(n_heads, len(pair_embed), -1) / ctx.scale  # (H, U, Q)
         grad_keys = torch.bmm(grad_scores, queries)  # (H, U, E)
         grad_queries = torch.bmm(grad_scores.transpose(1, 2), keys)  # (H, Q, E)
