@@ -216,6 +216,11 @@ def test_legacy_runs_keep_their_progress_measures_when_the_grid_model_has_none(l
     assert len(analyze) == 2 and not any("progress_measures" in outputs for outputs in analyze), jobs
     progress = [outputs for rule, outputs in jobs if rule == "progress"]
     assert len(progress) == 1 and "tiny_p11_seed999/artifacts/progress_measures.csv" in progress[0], jobs
+    target = "results/tiny/tiny_p11_seed999/artifacts/progress_measures.csv"
+    snakemake(tmp_path, "--cores", "1", target, configfile=configfile)  # the progress rule itself, run
+    rows = (tmp_path / target).read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss,test_loss") and len(rows) == 1 + 3
+    assert (tmp_path / "logs" / "tiny" / "progress" / "tiny_p11_seed999.log").exists()
 
 
 def with_entry(demo_run, key, value):
