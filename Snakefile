@@ -15,6 +15,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/convert.smk"
+include: "workflow/rules/progress.smk"  # before analysis.smk, which uses its outputs
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/consolidate.smk"
 include: "workflow/rules/export.smk"

@@ -212,19 +212,15 @@ def test_legacy_runs_keep_their_progress_measures_when_the_grid_model_has_none(l
     config = tiny_config(primes=[5], seeds=[0], model={"act_fn": "gelu_new"})  # no progress measures
     configfile = write_config(tmp_path / "config.yaml", config)
     jobs = dry_jobs(snakemake(tmp_path, "-n", "--cores", "1", configfile=configfile).stdout)
-    train = [outputs for rule, outputs in jobs if rule == "train"]
-    assert len(train) == 1 and "tiny_p5_seed0/verify.json" in train[0], jobs
-    assert "progress_measures" not in train[0], jobs
-    analyze = [outputs for rule, outputs in jobs if rule == "analyze"]  # the converted run's analysis
-    assert len(analyze) == 1 and "tiny_p11_seed999/artifacts/progress_measures.csv" in analyze[0], jobs
-    snakemake(tmp_path, "--cores", "1", configfile=configfile)
-    rows = (tmp_path / "results/tiny/tiny_p11_seed999/artifacts/progress_measures.csv").read_text().splitlines()
+    analyze = sorted(outputs for rule, outputs in jobs if rule == "analyze")
+    assert len(analyze) == 2 and not any("progress_measures" in outputs for outputs in analyze), jobs
+    progress = [outputs for rule, outputs in jobs if rule == "progress"]
+    assert len(progress) == 1 and "tiny_p11_seed999/artifacts/progress_measures.csv" in progress[0], jobs
+    target = "results/tiny/tiny_p11_seed999/artifacts/progress_measures.csv"
+    snakemake(tmp_path, "--cores", "1", target, configfile=configfile)  # the progress rule itself, run
+    rows = (tmp_path / target).read_text().splitlines()
     assert rows[0].startswith("epoch,train_loss,test_loss") and len(rows) == 1 + 3
-    assert (tmp_path / "logs" / "tiny" / "analyze" / "tiny_p11_seed999.log").exists()
-    trained = run_dir_of(tmp_path, 5, 0)
-    assert json.loads((trained / "verify.json").read_text())["ok"]
-    assert (trained / "artifacts" / "loss_curves.svg").exists()
-    assert not (trained / "artifacts" / "progress_measures.csv").exists()
+    assert (tmp_path / "logs" / "tiny" / "progress" / "tiny_p11_seed999.log").exists()
 
 
 def with_entry(demo_run, key, value):

@@ -156,4 +156,4 @@ def test_the_workflow_asks_for_them_only_where_they_are_defined(tmp_path):
         assert progress_unsupported_reason({**tiny_config()["model"], **change}) is not None, change
     configfile = write_config(tmp_path / "config.yaml", tiny_config(model={"act_fn": "gelu_new"}))
     dry = snakemake(tmp_path, "-n", "--cores", "1", configfile=configfile)
-    assert "rule train:" in dry.stdout and "progress_measures" not in dry.stdout
+    assert "rule train:" in dry.stdout and "rule progress:" not in dry.stdout

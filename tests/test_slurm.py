@@ -81,9 +81,10 @@ def test_grid_runs_as_slurm_jobs(cluster, tmp_path):
     assert None not in job_ids and len(job_ids) == 2, "each training run must be its own SLURM job"
     output = proc.stdout + proc.stderr
     submitted = [line for line in output.splitlines() if "has been submitted with SLURM jobid" in line]
-    assert len(submitted) == 2 and all("rule_train" in line for line in submitted), output[-3000:]
+    rules = sorted(rule for line in submitted for rule in ("rule_train", "rule_analyze") if rule in line)
+    assert len(submitted) == 4 and rules == ["rule_analyze"] * 2 + ["rule_train"] * 2, output[-3000:]
     assert "localrule summarize" in output  # the grid's summary stays on the login node
-    for prime in (5, 7):  # the training job also drew the loss curves and computed the progress measures
+    for prime in (5, 7):  # the analyze job also drew the loss curves and computed the progress measures
         artifacts = run_dir_of(tmp_path, prime, 0) / "artifacts"
         assert (artifacts / "loss_curves.png").stat().st_size > 1000
         assert len((artifacts / "progress_measures.csv").read_text().splitlines()) == 1 + 3

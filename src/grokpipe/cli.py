@@ -292,13 +292,9 @@ def cmd_progress(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    """The analysis the workflow runs on each run once it is trained or converted, in one process
-    (one torch import): the loss curves (from metadata.json alone), the verification, then, for a
-    run that passed, the progress measures. The exit status is the verification's."""
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    """What the workflow's analysis job does with one run, in one process (one torch import): the
+    loss curves (from metadata.json alone), the verification, then, for a run that passed, the
+    progress measures. The exit status is the verification's."""
     cmd_plot(args)
     status = cmd_verify(args)
     if status == 0 and args.progress:
@@ -426,14 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "analyze",
-        help="plot, verify and (with --progress) the progress measures of a run: the workflow's analysis",
+        help="plot, verify and (with --progress) the progress measures of a run: the workflow's analysis job",
     )
     p.add_argument("run_dir")
     p.add_argument("--report", help="also write the verification's findings as JSON to this file")
     p.add_argument("--recompute", default="auto", type=recompute_choice, help="as for verify")
     p.add_argument("--progress", action="store_true", help="also the progress measures, if the run verifies")
     p.add_argument("--key-frequencies", type=frequency_list, default=None, help="as for progress")
-    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's, every core)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("summarize", help="summary table (CSV, Markdown) and test-curve figure of several runs")

@@ -5,41 +5,38 @@ localrules:
     summarize,
 
 
-# A converted run's analysis (a trained run's is part of its training job, train.smk): loss curves,
-# verification, then the progress measures (legacy runs are the demo's model, which has them).
-# Its own job, so a conversion that does not verify keeps the files it made.
-
-
-ruleorder: analyze > train
-
-
+# One job per run draws its loss curves, checks it and computes its progress measures: each job
+# costs Snakemake ~2.5 ms of DAG work (separate plot and progress jobs were ~45 % of a 1,000-run dry
+# run), on a cluster one more submission, and each `grokpipe` process imports torch again.
+# The curves come first (from metadata.json alone); a failed check fails the job before the
+# measures (Snakemake removes the job's outputs), while verification.json in the run keeps what
+# was found.
 rule analyze:
     input:
-        # Only a run that has its pickle: the wildcard patterns below admit a grid run whose prime
-        # and seed each occur among the legacy runs; without this input it would be analysed here
-        # (and trained by `train`, which makes these outputs too).
-        legacy=f"{LEGACY}/{{model_name}}/{{model_name}}_p{{prime}}_seed{{seed}}.pth",
         model=f"{RUN}/{{model_name}}_p{{prime}}_seed{{seed}}.safetensors",
         config=f"{RUN}/config.json",
         metadata=f"{RUN}/metadata.json",
     output:
-        **ANALYSIS_OUTPUTS,
-        **PROGRESS_OUTPUTS,
+        **(PROGRESS_OUTPUTS if GRID_HAS_PROGRESS else {}),
+        report=f"{RUN}/verify.json",
+        curves_png=report(
+            f"{RUN}/artifacts/loss_curves.png",
+            caption="../report/loss_curves.rst",
+            category="Loss curves",
+            labels={"model": "{model_name}", "prime": "{prime}", "seed": "{seed}"},
+        ),
+        curves_svg=f"{RUN}/artifacts/loss_curves.svg",
     log:
         "logs/{model_name}/analyze/{model_name}_p{prime}_seed{seed}.log",
-    wildcard_constraints:
-        model_name=legacy_pattern("model_name"),
-        prime=legacy_pattern("prime"),
-        seed=legacy_pattern("seed"),
     conda:
         CONDA_ENV
     threads: 1
     params:
         run_dir=run_dir,
-        progress=progress_flags(),
+        progress=analysis_progress_flags(),
     shell:
-        "grokpipe analyze {params.run_dir:q} --report {output.verification:q} --threads {threads}"
-        " {params.progress} > {log:q} 2>&1"
+        "grokpipe analyze {params.run_dir:q} --report {output.report:q} {params.progress}"
+        " > {log:q} 2>&1"
 
 
 rule summarize:

@@ -121,44 +121,16 @@ def has_progress(run):
     return GRID_HAS_PROGRESS or run in set(legacy_runs())
 
 
-# What `grokpipe analyze` writes into a run: the training job makes them right after training
-# (train.smk), the analyze job after a conversion (analysis.smk).
-ANALYSIS_OUTPUTS = dict(
-    verification=f"{RUN}/verify.json",
-    curves_png=report(
-        f"{RUN}/artifacts/loss_curves.png",
-        caption="../report/loss_curves.rst",
-        category="Loss curves",
-        labels={"model": "{model_name}", "prime": "{prime}", "seed": "{seed}"},
-    ),
-    curves_svg=f"{RUN}/artifacts/loss_curves.svg",
-)
-PROGRESS_OUTPUTS = dict(
-    progress_csv=f"{RUN}/artifacts/progress_measures.csv",
-    key_frequencies=f"{RUN}/artifacts/key_frequencies.json",
-    progress_png=report(
-        f"{RUN}/artifacts/progress_measures.png",
-        caption="../report/progress_measures.rst",
-        category="Progress measures",
-        labels={"model": "{model_name}", "prime": "{prime}", "seed": "{seed}"},
-    ),
-    progress_svg=f"{RUN}/artifacts/progress_measures.svg",
-)
-
-
 def key_frequencies_flag():
     frequencies = config.get("key_frequencies")
     return ",".join(map(str, frequencies)) if frequencies else "auto"
 
 
-def progress_flags():
-    """`grokpipe analyze` flags for the progress measures."""
+def analysis_progress_flags():
+    """`grokpipe analyze` flags: the progress measures too when the grid's model has them."""
+    if not GRID_HAS_PROGRESS:
+        return ""
     return f"--progress --key-frequencies {key_frequencies_flag()}"
-
-
-def grid_analysis_flags():
-    """`grokpipe analyze` flags of a trained run: the progress measures when its model has them."""
-    return progress_flags() if GRID_HAS_PROGRESS else ""
 
 
 def run_outputs(run):
