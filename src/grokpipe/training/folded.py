@@ -228,26 +228,47 @@ def build_tables(model, layout: TableLayout) -> Tables:
         params = (attn.W_O, attn.b_O, mlp.W_in, mlp.b_in, mlp.W_out, mlp.b_out, W_U, b_U)
         tables.rows, tables.folded = _Fold.apply(tables.values, tables.query_embed, layout.shared_last, *params)
         return tables
-    pad = padded(W_U.shape[1]) - W_U.shape[1]
     if cfg.attn_only:
         read, bias = W_U, b_U
     else:
         mlp = model.blocks[0].mlp
-        read = F.pad(torch.cat([mlp.W_in, W_U], dim=1), (0, pad))
-        bias = F.pad(torch.cat([mlp.b_in, mlp.b_out @ W_U + b_U]), (0, pad))
-        tables.folded = F.pad(mlp.W_out @ W_U, (0, pad))
-    head_read = (attn.W_O.reshape(-1, attn.W_O.shape[-1]) @ read).view(cfg.n_heads, cfg.d_head, -1)  # W_O[h] @ read
-    values = tables.values
-    token_rows = torch.addmm(bias, tables.query_embed + attn.b_O, read)  # (Q, W)
-    if layout.shared_last:
-        # sum_p w_p·v_p = v_last + sum_{p < last} w_p·(v_p − v_last), the weights summing to 1: the
-        # last pair's rows join the token row and the others hold their difference from it.
-        last = values[:, -1:]  # (H, 1, E)
-        values = values[:, :-1] - last
-        token_rows = token_rows + last.reshape(1, -1) @ head_read.view(-1, head_read.shape[-1])
-    value_rows = torch.bmm(values, head_read)  # (H, U, W)
-    tables.rows = torch.cat([value_rows.reshape(-1, read.shape[1]), token_rows])
+        read, bias, tables.folded = _mlp_read(mlp.W_in, mlp.b_in, mlp.W_out, mlp.b_out, W_U, b_U)
+    tables.rows = _fold_rows(tables.values, tables.query_embed, layout.shared_last, attn.W_O, attn.b_O, read, bias)[0]
     return tables
+
+
+def _mlp_read(W_in, b_in, W_out, b_out, W_U, b_U):
+    """(read, bias, folded) of a model with an MLP: read = [W_in | W_U] and the token rows' bias
+    [b_in | b_out @ W_U + b_U], zero-padded to ``padded(p)`` logit columns, and W_out @ W_U."""
+    pad = padded(W_U.shape[1]) - W_U.shape[1]
+    read = F.pad(torch.cat([W_in, W_U], dim=1), (0, pad))  # (d_model, W)
+    bias = F.pad(torch.cat([b_in, b_out @ W_U + b_U]), (0, pad))
+    return read, bias, F.pad(W_out @ W_U, (0, pad))
+
+
+def _fold_rows(values, query_embed, shared_last, W_O, b_O, read, bias, out=None):
+    """The table rows, value rows (head-major) then one row per last token, each read through
+    ``read``: (rows, head_read, resid, value_part, last). With ``out`` (no graph) the products write
+    straight into it; without, the rows are concatenated (autograd records that, not ``out=``)."""
+    n_heads, head_dim, d_model = W_O.shape
+    width = read.shape[1]
+    head_read = (W_O.reshape(-1, d_model) @ read).view(n_heads, head_dim, width)  # W_O[h] @ read
+    resid = query_embed + b_O
+    # sum_p w_p·v_p = v_last + sum_{p < last} w_p·(v_p − v_last), the weights summing to 1: the last
+    # pair's rows join the token rows and the others hold their difference from it.
+    last = values[:, -1] if shared_last else None  # (H, E)
+    value_part = values[:, :-1] - last[:, None] if shared_last else values
+    n_value_rows = n_heads * value_part.shape[1]
+    if out is None:
+        value_rows = torch.bmm(value_part, head_read).reshape(n_value_rows, width)
+        token_rows = torch.addmm(bias, resid, read)  # (Q, W)
+    else:
+        torch.bmm(value_part, head_read, out=out[:n_value_rows].view(n_heads, -1, width))
+        token_rows = torch.addmm(bias, resid, read, out=out[n_value_rows:])
+    if shared_last:
+        token_rows += last.reshape(1, -1) @ head_read.view(-1, width)
+    rows = torch.cat([value_rows, token_rows]) if out is None else out
+    return rows, head_read, resid, value_part, last
 
 
 class _AttentionTables(torch.autograd.Function):
@@ -290,33 +311,23 @@ class _AttentionTables(torch.autograd.Function):
 
 
 class _Fold(torch.autograd.Function):
-    """:func:`build_tables`' rows and ``folded`` of a model with an MLP, with one hand-written
+    """:func:`build_tables`' rows and ``folded`` of a model with an MLP (the same :func:`_mlp_read`
+    and :func:`_fold_rows` as its composed path, the rows written in place), with one hand-written
     backward: the same products autograd runs, without its zero-filled slice gradients, padding
     and concatenation copies, or one graph node per operation (the tables' build and backward
     are a few dozen small operations each epoch)."""
 
     @staticmethod
     def forward(ctx, values, query_embed, shared_last, W_O, b_O, W_in, b_in, W_out, b_out, W_U, b_U):
-        n_heads, head_dim, d_model = W_O.shape
-        d_mlp, n_out = W_in.shape[1], W_U.shape[1]
-        pad = padded(n_out) - n_out
-        read = F.pad(torch.cat([W_in, W_U], dim=1), (0, pad))  # (d_model, W)
-        width = read.shape[1]
-        bias = F.pad(torch.cat([b_in, b_out @ W_U + b_U]), (0, pad))
-        folded = F.pad(W_out @ W_U, (0, pad))
-        W_O_flat = W_O.reshape(n_heads * head_dim, d_model)
-        head_read = (W_O_flat @ read).view(n_heads, head_dim, width)  # W_O[h] @ read
-        resid = query_embed + b_O
-        last = values[:, -1] if shared_last else None  # (H, E): see build_tables
-        value_part = values[:, :-1] - last[:, None] if shared_last else values
-        n_value_rows = n_heads * value_part.shape[1]
-        rows = torch.empty(n_value_rows + len(query_embed), width, dtype=read.dtype, device=read.device)
-        torch.bmm(value_part, head_read, out=rows[:n_value_rows].view(n_heads, -1, width))
-        token_rows = torch.addmm(bias, resid, read, out=rows[n_value_rows:])
-        if shared_last:
-            token_rows += last.reshape(1, -1) @ head_read.view(-1, width)
+        read, bias, folded = _mlp_read(W_in, b_in, W_out, b_out, W_U, b_U)
+        n_rows = W_O.shape[0] * (values.shape[1] - int(shared_last)) + len(query_embed)
+        out = torch.empty(n_rows, read.shape[1], dtype=read.dtype, device=read.device)
+        rows, head_read, resid, value_part, last = _fold_rows(
+            values, query_embed, shared_last, W_O, b_O, read, bias, out=out
+        )
+        W_O_flat = W_O.reshape(-1, W_O.shape[-1])
         ctx.save_for_backward(value_part, last, resid, read, head_read, W_O_flat, W_out, W_U, b_out)
-        ctx.shared_last, ctx.d_mlp = shared_last, d_mlp
+        ctx.shared_last, ctx.d_mlp = shared_last, W_in.shape[1]
         return rows, folded
 
     @staticmethod
