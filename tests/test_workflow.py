@@ -1,5 +1,6 @@
 """The real workflow on a tiny grid: layout, strict TransformerLens loads, rerun behaviour."""
 
+import gc
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from transformer_lens import HookedTransformer
 
 import grokpipe
 from grokpipe.io.safetensors_io import read_metadata
+from grokpipe.workflow import tune_gc_for_large_dags
 
 GRID = [(5, 0), (5, 1), (7, 0), (7, 1)]
 
@@ -128,6 +130,27 @@ def test_any_run_can_be_requested_by_path(trained_grid):
         check=False,
     )
     assert bad.returncode != 0 and "p = 9 is not a prime" in bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("device,requested", [("cuda", "gpu=1"), ("cpu", None)])
+def test_training_jobs_request_a_gpu_only_on_cuda(tmp_path, device, requested):
+    configfile = write_config(tmp_path / "c.yaml", tiny_config(primes=[5], seeds=[0], device=device))
+    proc = snakemake(tmp_path, "-n", "--cores", "1", configfile=configfile)
+    train_block = proc.stdout.split("\nrule train:")[1].split("\n\n")[0]
+    resources = [line for line in train_block.splitlines() if line.strip().startswith("resources:")]
+    gpu = [item.strip() for item in resources[0].split(":", 1)[1].split(",") if item.strip().startswith("gpu")]
+    assert gpu == ([requested] if requested else []), train_block
+
+
+def test_gc_tuning_freezes_the_startup_heap_and_raises_only_the_first_threshold():
+    before = gc.get_threshold()
+    try:
+        tune_gc_for_large_dags()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (10_000, *before[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 def test_lint_is_clean():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -21,6 +22,20 @@ def use_this_interpreter_for_jobs() -> None:
     parts = os.environ.get("PATH", "").split(os.pathsep)
     if parts[:1] != [bindir]:
         os.environ["PATH"] = os.pathsep.join([bindir, *[p for p in parts if p]])
+
+
+def tune_gc_for_large_dags() -> None:
+    """Keep CPython's cyclic garbage collector from rescanning what Snakemake keeps alive.
+
+    A 1,000-run DAG is millions of objects that live until Snakemake exits, none of them garbage,
+    yet with the default thresholds CPython runs ~1,050 collections while building it, the full
+    ones walking every module Snakemake and its plugins imported and every job made so far (~13 %
+    of a dry run). Freezing moves what exists now (modules, the parsed config) out of the
+    collector's reach; a larger first threshold makes collections rarer (64 instead of 958, none
+    of them full), at the cost of up to 10,000 unreachable objects waiting a little longer.
+    """
+    gc.freeze()
+    gc.set_threshold(10_000, *gc.get_threshold()[1:])
 
 
 def train_spec_json(config: dict, model_name: str, prime: str | int, seed: str | int) -> str:

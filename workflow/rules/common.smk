@@ -19,6 +19,7 @@ from grokpipe.layout import RUN_DIR_RE
 from grokpipe.workflow import (
     threads_per_run,
     train_spec_json,
+    tune_gc_for_large_dags,
     use_this_interpreter_for_jobs,
 )
 
@@ -35,6 +36,9 @@ RUN = f"{RESULTS}/{{model_name}}/{{model_name}}_p{{prime}}_seed{{seed}}"
 LEGACY = config["legacy_dir"]
 IMPORTS = config["imports_dir"]
 CONSOLIDATED = config["consolidated_dir"]
+
+# Snakemake's modules and plugins are loaded by now; the DAG is built next (see the docstring).
+tune_gc_for_large_dags()
 
 # Jobs call the `grokpipe` CLI of the environment running Snakemake (see the function's docstring).
 use_this_interpreter_for_jobs()

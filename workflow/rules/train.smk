@@ -15,7 +15,8 @@ rule train:
         CONDA_ENV
     threads: train_threads()
     resources:
-        gpu=1 if config["device"] == "cuda" else 0,
+        # only on a GPU: each declared resource is evaluated for every job, even at 0
+        **({"gpu": 1} if config["device"] == "cuda" else {}),
     params:
         run_dir=run_dir,
         spec=train_spec,
