@@ -2,6 +2,7 @@
 
 import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -142,15 +143,26 @@ def test_training_jobs_request_a_gpu_only_on_cuda(tmp_path, device, requested):
     assert gpu == ([requested] if requested else []), train_block
 
 
-def test_gc_tuning_freezes_the_startup_heap_and_raises_only_the_first_threshold():
+class _Cycle:
+    def __init__(self):
+        self.itself = self
+
+
+def test_gc_tuning_freezes_the_live_heap_not_its_garbage_and_raises_only_the_first_threshold():
     before = gc.get_threshold()
+    gc.disable()  # no automatic collection between making the garbage and the call
     try:
+        garbage = _Cycle()
+        collected = weakref.ref(garbage)
+        del garbage
         tune_gc_for_large_dags()
+        assert collected() is None  # collected, not frozen for good
         assert gc.get_freeze_count() > 0
         assert gc.get_threshold() == (10_000, *before[1:])
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+        gc.enable()
 
 
 def test_lint_is_clean():

@@ -33,7 +33,10 @@ def tune_gc_for_large_dags() -> None:
     of a dry run). Freezing moves what exists now (modules, the parsed config) out of the
     collector's reach; a larger first threshold makes collections rarer (64 instead of 958, none
     of them full), at the cost of up to 10,000 unreachable objects waiting a little longer.
+    Garbage is collected first, so nothing already unreachable (say, an earlier workflow's DAG in
+    a process driving Snakemake's API) is frozen for good.
     """
+    gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, *gc.get_threshold()[1:])
 
