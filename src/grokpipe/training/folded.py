@@ -246,10 +246,11 @@ def _mlp_read(W_in, b_in, W_out, b_out, W_U, b_U):
     return read, bias, F.pad(W_out @ W_U, (0, pad))
 
 
-def _fold_rows(values, query_embed, shared_last, W_O, b_O, read, bias, out=None):
+def _fold_rows(values, query_embed, shared_last, W_O, b_O, read, bias, in_place=False):
     """The table rows, value rows (head-major) then one row per last token, each read through
-    ``read``: (rows, head_read, resid, value_part, last). With ``out`` (no graph) the products write
-    straight into it; without, the rows are concatenated (autograd records that, not ``out=``)."""
+    ``read``: (rows, head_read, resid, value_part, last). ``in_place`` (no graph): the products
+    write straight into one new tensor; otherwise the rows are concatenated (autograd records
+    that, not ``out=``)."""
     n_heads, head_dim, d_model = W_O.shape
     width = read.shape[1]
     head_read = (W_O.reshape(-1, d_model) @ read).view(n_heads, head_dim, width)  # W_O[h] @ read
@@ -259,15 +260,17 @@ def _fold_rows(values, query_embed, shared_last, W_O, b_O, read, bias, out=None)
     last = values[:, -1] if shared_last else None  # (H, E)
     value_part = values[:, :-1] - last[:, None] if shared_last else values
     n_value_rows = n_heads * value_part.shape[1]
-    if out is None:
+    if in_place:
+        rows = torch.empty(n_value_rows + len(resid), width, dtype=read.dtype, device=read.device)
+        torch.bmm(value_part, head_read, out=rows[:n_value_rows].view(n_heads, -1, width))
+        token_rows = torch.addmm(bias, resid, read, out=rows[n_value_rows:])
+    else:
         value_rows = torch.bmm(value_part, head_read).reshape(n_value_rows, width)
         token_rows = torch.addmm(bias, resid, read)  # (Q, W)
-    else:
-        torch.bmm(value_part, head_read, out=out[:n_value_rows].view(n_heads, -1, width))
-        token_rows = torch.addmm(bias, resid, read, out=out[n_value_rows:])
     if shared_last:
         token_rows += last.reshape(1, -1) @ head_read.view(-1, width)
-    rows = torch.cat([value_rows, token_rows]) if out is None else out
+    if not in_place:
+        rows = torch.cat([value_rows, token_rows])
     return rows, head_read, resid, value_part, last
 
 
@@ -320,10 +323,8 @@ class _Fold(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, query_embed, shared_last, W_O, b_O, W_in, b_in, W_out, b_out, W_U, b_U):
         read, bias, folded = _mlp_read(W_in, b_in, W_out, b_out, W_U, b_U)
-        n_rows = W_O.shape[0] * (values.shape[1] - int(shared_last)) + len(query_embed)
-        out = torch.empty(n_rows, read.shape[1], dtype=read.dtype, device=read.device)
         rows, head_read, resid, value_part, last = _fold_rows(
-            values, query_embed, shared_last, W_O, b_O, read, bias, out=out
+            values, query_embed, shared_last, W_O, b_O, read, bias, in_place=True
         )
         W_O_flat = W_O.reshape(-1, W_O.shape[-1])
         ctx.save_for_backward(value_part, last, resid, read, head_read, W_O_flat, W_out, W_U, b_out)
