@@ -17,6 +17,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/convert.smk"
 include: "workflow/rules/progress.smk"  # before analysis.smk, which uses its outputs
 include: "workflow/rules/analysis.smk"
+include: "workflow/rules/sweep.smk"
 include: "workflow/rules/consolidate.smk"
 include: "workflow/rules/export.smk"
 

@@ -114,13 +114,14 @@ def test_objective_matches_the_demo_loss_on_hooked_transformer(fields, composed,
     reference.backward()
     expected = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
     model.zero_grad()
-    ours = objective(tokens, labels)
+    ours, correct = objective(tokens, labels)
     ours.backward()
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert correct.item() == (model(tokens)[:, -1].argmax(-1) == labels).sum().item()  # the accuracy too
     for name, grad in expected.items():
         assert torch.allclose(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6), name
     with torch.inference_mode():
-        assert objective(tokens, labels).item() == pytest.approx(reference.item(), rel=1e-5)
+        assert objective(tokens, labels)[0].item() == pytest.approx(reference.item(), rel=1e-5)
 
 
 def test_unsupported_configs_fall_back_to_hooked_transformer():

@@ -212,7 +212,7 @@ def test_legacy_runs_keep_their_progress_measures_when_the_grid_model_has_none(l
     config = tiny_config(primes=[5], seeds=[0], model={"act_fn": "gelu_new"})  # no progress measures
     configfile = write_config(tmp_path / "config.yaml", config)
     jobs = dry_jobs(snakemake(tmp_path, "-n", "--cores", "1", configfile=configfile).stdout)
-    analyze = sorted(outputs for rule, outputs in jobs if rule == "analyze")
+    analyze = sorted(outputs for rule, outputs in jobs if rule == "analyze_without_progress")
     assert len(analyze) == 2 and not any("progress_measures" in outputs for outputs in analyze), jobs
     progress = [outputs for rule, outputs in jobs if rule == "progress"]
     assert len(progress) == 1 and "tiny_p11_seed999/artifacts/progress_measures.csv" in progress[0], jobs

@@ -82,7 +82,7 @@ def test_recorded_test_loss_recomputes_from_checkpoint_weights(tmp_path):
         model = grokpipe.load_model(run, epoch=epoch)
         with torch.inference_mode():
             objective = objective_fn(model, "lean", (split.train_tokens, split.test_tokens))  # as train() builds it
-            same_forward = objective(split.test_tokens, split.test_labels).item()
+            same_forward = objective(split.test_tokens, split.test_labels)[0].item()
             hooked = loss_fn(model(split.test_tokens), split.test_labels).item()
         assert same_forward == meta["test_losses"][epoch]  # bit-exact with the forward that trained it
         assert hooked == pytest.approx(meta["test_losses"][epoch], rel=1e-5)  # and HookedTransformer agrees

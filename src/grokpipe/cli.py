@@ -51,6 +51,9 @@ def _train_spec(args) -> tuple:
         if not isinstance(raw, dict):
             raise GrokpipeError("--spec must be a JSON object")
         prime, seed = raw.pop("prime", None), raw.pop("seed", None)
+        sweep_cell = raw.pop("sweep_cell", None) or {}
+        if not isinstance(sweep_cell, dict):
+            raise GrokpipeError("--spec: sweep_cell must be a JSON object")
         config = validate_config({**raw, "primes": [prime], "seeds": [seed]}, source="--spec")
         source = "--spec"
     else:
@@ -58,6 +61,7 @@ def _train_spec(args) -> tuple:
         prime, seed = args.prime, args.seed
         if prime is None or seed is None:
             raise GrokpipeError("--config needs --prime and --seed")
+        config, sweep_cell = _chosen_cell(config, args.cell, str(args.config))
         # The chosen run is validated like a one-run grid of the same config.
         config = validate_config({**config, "primes": [prime], "seeds": [seed]}, source=str(args.config))
         source = str(args.config)
@@ -68,7 +72,23 @@ def _train_spec(args) -> tuple:
     device = args.device or config["device"]
     threads = args.threads or threads_per_run(config["threads_per_run"], None, 1)
     threshold = args.grokking_threshold or config["grokking_threshold"]
-    return spec, out, device, threads, threshold
+    return spec, out, device, threads, threshold, sweep_cell
+
+
+def _chosen_cell(config: dict, name: str | None, source: str) -> tuple[dict, dict]:
+    """(config, axis values) of the sweep cell ``name`` of a validated config (the config itself
+    and no values when it has no sweep)."""
+    from .sweep import cells_by_name
+
+    cells = cells_by_name(config, source)
+    if name is None and len(cells) == 1:
+        (cell,) = cells.values()
+    elif name in cells:
+        cell = cells[name]
+    else:
+        what = f"has no sweep cell {name!r}" if name else "is a sweep: choose a cell with --cell"
+        raise GrokpipeError(f"{source} {what} (cells: {', '.join(cells)})")
+    return cell.config, cell.settings
 
 
 def _keep_freed_memory_in_process() -> None:
@@ -102,8 +122,37 @@ def cmd_train(args) -> int:
     # come every few hundred epochs; with transformers imported each rescans ~430,000 objects
     # (0.2 s, ~1 ms/epoch at p = 113). Frozen, they skip what the imports made.
     gc.freeze()
-    spec, out, device, threads, threshold = _train_spec(args)
-    train(spec, out, device=device, threads=threads, grokking_threshold=threshold, progress_bar=not args.no_progress)
+    spec, out, device, threads, threshold, sweep_cell = _train_spec(args)
+    train(
+        spec,
+        out,
+        device=device,
+        threads=threads,
+        grokking_threshold=threshold,
+        progress_bar=not args.no_progress,
+        sweep_cell=sweep_cell,
+    )
+    return 0
+
+
+def cmd_sweep_report(args) -> int:
+    from .analysis.sweep_report import write_sweep_report
+    from .config import read_config_file, validate_config
+
+    if args.config is not None:
+        raw, source = read_config_file(args.config), str(args.config)
+    else:
+        try:
+            raw, source = json.loads(args.config_json), "--config-json"
+        except ValueError as exc:
+            raise GrokpipeError(f"--config-json is not valid JSON ({exc})") from None
+    config = validate_config(raw, source=source)
+    out = args.out_dir or Path(config["results_dir"]) / "_sweeps" / config["model_name"]
+    rows = write_sweep_report(config, out, x=args.x, y=args.y)
+    counts = {}
+    for row in rows:
+        counts[row["outcome"]] = counts.get(row["outcome"], 0) + 1
+    print(f"{out}: {len(rows)} runs ({', '.join(f'{n} {name}' for name, n in sorted(counts.items()))})")
     return 0
 
 
@@ -185,14 +234,17 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .analysis.inspect_run import format_exports, format_listing, list_runs
+    from .analysis.inspect_run import format_exports, format_listing, list_runs, parse_filters
     from .export import list_exports
 
     exports = list_exports(args.results_dir) if Path(args.results_dir).is_dir() else []
     if exports:  # a models/ directory of exports
         print(json.dumps(exports, indent=2) if args.json else format_exports(exports))
         return 0
-    rows = list_runs(args.results_dir)
+    rows = list_runs(args.results_dir, parse_filters(args.where))
+    if not rows:
+        what = f" with {' and '.join(args.where)}" if args.where else ""
+        raise GrokpipeError(f"{args.results_dir}: no run directories{what} (nor exports)")
     print(json.dumps(rows, indent=2) if args.json else format_listing(rows))
     return 0
 
@@ -324,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--spec", help="one run as JSON: model_name, prime, seed, training, model (what the rule passes)")
     p.add_argument("--prime", type=positive_int)
     p.add_argument("--seed", type=non_negative_int)
+    p.add_argument("--cell", help="with --config of a sweep: the cell to train (its name, as in results/)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: threads_per_run)")
     p.add_argument("--grokking-threshold", type=positive_float)
@@ -400,7 +453,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("list", help="every run in a results tree (or every export in a models/ directory)")
-    p.add_argument("results_dir", nargs="?", default="results")
+    p.add_argument(
+        "results_dir", nargs="?", default="results", help="a results tree, one results/{model_name}, or models/"
+    )
+    p.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only runs whose config has this value (repeatable), e.g. --where task.operation=sub "
+        "--where training.weight_decay=0.3",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_list)
 
@@ -430,6 +493,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="also the progress measures, if the run verifies")
     p.add_argument("--key-frequencies", type=frequency_list, default=None, help="as for progress")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser(
+        "sweep-report",
+        help="a sweep's table (one row per run) and phase diagrams into results/_sweeps/{model_name}/",
+        description="Write sweep.csv (every axis value, grokking and memorization epochs, final losses and "
+        "accuracies, diverged/stopped epochs, wall time, outcome class) and grokking_epoch.png, outcome.png, "
+        "grokking_vs_axis.png for the runs of a sweep config. Example: grokpipe sweep-report --config "
+        "config/sweep.yaml --x training.weight_decay --y task.operation",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="the sweep's config YAML")
+    source.add_argument("--config-json", help="the sweep's config as JSON (what the workflow passes)")
+    p.add_argument("--out-dir", help="default: {results_dir}/_sweeps/{model_name}")
+    p.add_argument("--x", help="axis (dotted key) across the heat maps (default: sweep_figures.x, else the first)")
+    p.add_argument("--y", help="axis (dotted key) down the heat maps (default: sweep_figures.y, else the second)")
+    p.set_defaults(func=cmd_sweep_report)
 
     p = sub.add_parser("summarize", help="summary table (CSV, Markdown) and test-curve figure of several runs")
     p.add_argument("--out-dir", required=True)

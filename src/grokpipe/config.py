@@ -155,15 +155,31 @@ def _check_strict_types(schema: dict, value, key: str, source: str | None) -> No
 def check_semantics(config: dict, source: str | None = None) -> None:
     """Checks the schema cannot express. ``config`` must already satisfy the schema."""
     _check_strict_types(load_schema(), config, "", source)
-    training = config["training"]
     for i, p in enumerate(config["primes"]):
         if not is_prime(p):
             raise ConfigError(f"primes[{i}]", f"{p} is not a prime", source)
-        n_train = int(p * p * training.get("frac_train", 0.3))
-        if n_train < 1 or n_train >= p * p:
+    if config.get("sweep"):
+        from .sweep import expand
+
+        expand(config, source)  # validates every axis value, then each cell
+    else:
+        check_cell_semantics(config, source)
+
+
+def check_cell_semantics(config: dict, source: str | None = None) -> None:
+    """The checks that depend on training/model/task settings together (run once per sweep cell);
+    ``config`` must satisfy the schema and its primes be prime."""
+    from .training.tasks import n_pairs
+
+    training = config["training"]
+    operation = config.get("task", {}).get("operation", "add")
+    for p in config["primes"]:
+        n = n_pairs(p, operation)
+        n_train = int(n * training.get("frac_train", 0.3))
+        if n_train < 1 or n_train >= n:
             raise ConfigError(
                 "training.frac_train",
-                f"with p = {p} the split leaves {n_train} of {p * p} pairs for training; "
+                f"with p = {p} and operation {operation} the split leaves {n_train} of {n} pairs for training; "
                 "both train and test sets must be non-empty",
                 source,
             )
@@ -185,6 +201,8 @@ class TrainingSpec:
     data_seed: int = 598
     eval_every: int = 1
     implementation: str = "lean"
+    label_noise: float = 0.0
+    early_stopping: dict | None = None  # {"test_loss_below": float, "after_epochs": int}
 
     def to_dict(self) -> dict:
         return {
@@ -197,18 +215,21 @@ class TrainingSpec:
             "data_seed": self.data_seed,
             "eval_every": self.eval_every,
             "implementation": self.implementation,
+            "label_noise": self.label_noise,
+            "early_stopping": None if self.early_stopping is None else dict(self.early_stopping),
         }
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything that defines one (prime, seed) training run."""
+    """Everything that defines one (prime, seed) training run (``model_name``: its sweep cell's name)."""
 
     model_name: str
     prime: int
     seed: int
     training: TrainingSpec
     model: dict = field(default_factory=dict)
+    operation: str = "add"
 
     @property
     def run_name(self) -> str:
@@ -221,6 +242,7 @@ class RunSpec:
             "seed": self.seed,
             "training": self.training.to_dict(),
             "model": dict(self.model),
+            "task": {"operation": self.operation},
         }
 
     @classmethod
@@ -233,18 +255,26 @@ class RunSpec:
             seed=int(data["seed"]),
             training=TrainingSpec(**t),
             model=dict(data["model"]),
+            operation=data.get("task", {}).get("operation", "add"),
         )
 
     @property
     def config_hash(self) -> str:
         """sha256 of the settings that determine the training trajectory.
 
-        ``num_epochs`` is left out on purpose: a longer run shares every epoch of a shorter one, so
-        growing it continues training instead of starting over. ``eval_every`` only decides which
-        epochs get a test loss, so it is left out too.
+        ``num_epochs`` and ``early_stopping`` are left out on purpose: a longer run shares every
+        epoch of a shorter one, so growing it (or dropping the rule) continues training instead of
+        starting over. ``eval_every`` only decides which epochs get a test loss, so it is left out
+        too. A default operation and zero label noise are left out, so runs keep the hash they had
+        before those settings existed.
         """
         d = self.to_dict()
-        del d["training"]["num_epochs"], d["training"]["eval_every"]
+        for key in ("num_epochs", "eval_every", "early_stopping"):
+            del d["training"][key]
+        if d["training"]["label_noise"] == 0:
+            del d["training"]["label_noise"]
+        if d["task"]["operation"] == "add":
+            del d["task"]
         return hashlib.sha256(canonical_json(d).encode()).hexdigest()
 
     def hooked_config_kwargs(self) -> dict:
@@ -262,9 +292,14 @@ class RunSpec:
 LEAN_ACT_FNS = ("relu", "gelu", "silu")  # activations the lean forward and the progress measures compute
 
 
-def progress_unsupported_reason(model: dict) -> str | None:
+def progress_unsupported_reason(model: dict, operation: str = "add") -> str | None:
     """Why the progress measures cannot be computed for a model with these HookedTransformerConfig
-    fields (None when they can); absent fields take HookedTransformerConfig's defaults."""
+    fields on this operation (None when they can); absent fields take HookedTransformerConfig's defaults."""
+    if operation != "add":
+        return (
+            f"operation {operation!r}: the measures (Nanda et al. 2023) are defined for modular addition, "
+            "whose logits are sums of cos(w(a + b - c))"
+        )
     if model.get("n_layers") != 1 or model.get("attn_only", False):
         return "the progress measures are defined for one-layer models with an MLP"
     if model.get("normalization_type") is not None:
@@ -293,6 +328,7 @@ def run_spec(config: dict, prime: int, seed: int, model_name: str | None = None)
             "seed": seed,
             "training": config["training"],
             "model": config["model"],
+            "task": config.get("task", {}),
         }
     )
 

@@ -9,9 +9,12 @@ Directory name (the ``models/`` convention: ``{architecture}-{size}-{dataset}-{t
 - size: the parameter count (every parameter, frozen biases included; buffers not): below 1,000 as
   is, then ``{n/1e3}K``, ``{n/1e6}M``, ``{n/1e9}B``, three significant digits at most (227313 -> 227K,
   1834000 -> 1.83M);
-- dataset: ``modadd{p}`` (a + b mod p);
+- dataset: ``mod{operation}{p}``: ``modadd113`` (a + b mod p), ``modsub113``, ``modsq_sum113``, ...
+  (the operations of :mod:`grokpipe.training.tasks`);
 - training_type: ``grok`` (trained on the grokking task, or converted from the demo's pickle);
-- version: ``s{seed}-e{epoch}``, then ``-{--version}`` when given: it names the run and the epoch.
+- version: ``s{seed}-e{epoch}``, then ``-c{config hash[:8]}`` for a run of a sweep cell (cells that
+  differ only in a hyperparameter share p, seed and architecture), then ``-{--version}`` when given:
+  it names the run and the epoch.
 
 :func:`parse_export_name` reads a name back into these parts. The directory holds
 ``model.safetensors`` (the epoch's weights, the run's provenance in the header), ``config.json``,
@@ -53,10 +56,11 @@ MODEL_FILE = "model.safetensors"
 BUFFER_SUFFIXES = (".mask", ".IGNORE", "rotary_sin", "rotary_cos")  # HookedTransformer's buffers
 STAGING_MARKERS = (".exporting-", ".replaced-")
 _NAME_RE = re.compile(
-    r"^(?P<architecture>tl\d+l(?:attn)?)-(?P<size>\d+(?:\.\d+)?[KMB]?)-(?P<dataset>modadd\d+)-"
-    r"(?P<training_type>[a-z]+)-(?P<version>s\d+-e\d+(?:-[A-Za-z0-9][A-Za-z0-9._]*)?)$"
+    r"^(?P<architecture>tl\d+l(?:attn)?)-(?P<size>\d+(?:\.\d+)?[KMB]?)-(?P<dataset>mod[a-z_]*[a-z]\d+)-"
+    r"(?P<training_type>[a-z]+)-(?P<version>s\d+-e\d+(?:-c[0-9a-f]{8})?(?:-[A-Za-z0-9][A-Za-z0-9._]*)?)$"
 )
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._]*$")
+_DATASET_RE = re.compile(r"^mod(?P<operation>[a-z_]*[a-z])(?P<prime>\d+)$")
 
 
 class NeverGrokked(GrokpipeError):
@@ -75,8 +79,12 @@ class ExportName:
         return f"{self.architecture}-{self.size}-{self.dataset}-{self.training_type}-{self.version}"
 
     @property
+    def operation(self) -> str:
+        return _DATASET_RE.match(self.dataset)["operation"]
+
+    @property
     def prime(self) -> int:
-        return int(self.dataset.removeprefix("modadd"))
+        return int(_DATASET_RE.match(self.dataset)["prime"])
 
     @property
     def seed(self) -> int:
@@ -90,6 +98,11 @@ class ExportName:
 def parse_export_name(name: str) -> ExportName:
     """The parts of an export directory name; a name that does not follow the rule is an error."""
     match = _NAME_RE.match(name)
+    if match:
+        from .training.tasks import OPERATIONS
+
+        if _DATASET_RE.match(match["dataset"])["operation"] not in OPERATIONS:
+            match = None
     if not match:
         rule = "{architecture}-{size}-{dataset}-{training_type}-{version}"
         raise GrokpipeError(f"{name!r} is not an export name ({rule}, e.g. tl1l-227K-modadd113-grok-s999-e24999)")
@@ -111,12 +124,24 @@ def parameter_count(state_dict: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() for name, t in state_dict.items() if not name.endswith(BUFFER_SUFFIXES))
 
 
-def export_name(hooked: dict, prime: int, seed: int, epoch: int, count: int, version: str | None) -> ExportName:
+def export_name(
+    hooked: dict,
+    prime: int,
+    seed: int,
+    epoch: int,
+    count: int,
+    version: str | None,
+    *,
+    operation: str = "add",
+    cell_hash: str | None = None,
+) -> ExportName:
+    """The export directory name of one epoch (see the module docstring); ``cell_hash``: the
+    config hash of a sweep cell's run, whose first 8 digits tell it from its sibling cells."""
     if version is not None and not _VERSION_RE.match(version):
         raise GrokpipeError(f"--version {version!r}: letters, digits, '.' and '_' only (no '-', no '/')")
     architecture = f"tl{hooked['n_layers']}l" + ("attn" if hooked.get("attn_only") else "")
-    run_version = f"s{seed}-e{epoch}" + (f"-{version}" if version else "")
-    return ExportName(architecture, format_size(count), f"modadd{prime}", "grok", run_version)
+    run_version = f"s{seed}-e{epoch}" + (f"-c{cell_hash[:8]}" if cell_hash else "") + (f"-{version}" if version else "")
+    return ExportName(architecture, format_size(count), f"mod{operation}{prime}", "grok", run_version)
 
 
 def choose_epoch(layout: RunLayout, metadata: dict, which: str, epoch: int | None) -> tuple[int, Path]:
@@ -230,7 +255,9 @@ def export(run_dir, out="models", which: str = "final", epoch: int | None = None
     hooked = config["hooked_transformer_config"]
     prime, seed = int(config["prime"]), int(config["seed"])
     count = parameter_count(state)
-    name = export_name(hooked, prime, seed, chosen, count, version)
+    cell_hash = config.get("config_hash") if config.get("sweep_cell") else None
+    operation = config.get("task", {}).get("operation", "add")
+    name = export_name(hooked, prime, seed, chosen, count, version, operation=operation, cell_hash=cell_hash)
     target = Path(out) / str(name)
     with writer_lock(target, "export"):
         if target.exists() and not force:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import sys
+from collections.abc import Iterable
 
 from .config import is_prime, run_spec
 from .errors import GrokpipeError
@@ -41,12 +43,24 @@ def tune_gc_for_large_dags() -> None:
     gc.set_threshold(10_000, *gc.get_threshold()[1:])
 
 
-def train_spec_json(config: dict, model_name: str, prime: str | int, seed: str | int) -> str:
-    """The run spec handed to ``grokpipe train --spec``; changing it makes Snakemake rerun the run."""
+def train_spec_json(
+    config: dict, model_name: str, prime: str | int, seed: str | int, sweep_cell: dict | None = None
+) -> str:
+    """The run spec handed to ``grokpipe train --spec`` (``config``: the run's cell's; ``sweep_cell``:
+    its axis values, recorded in config.json); changing it makes Snakemake rerun the run."""
     prime = int(prime)
     if prime < 5 or not is_prime(prime):
         raise GrokpipeError(f"{model_name}_p{prime}_seed{seed}: p = {prime} is not a prime >= 5")
-    return json.dumps(run_spec(config, prime, int(seed), model_name=model_name).to_dict(), sort_keys=True)
+    spec = run_spec(config, prime, int(seed), model_name=model_name).to_dict()
+    if sweep_cell:
+        spec["sweep_cell"] = sweep_cell
+    return json.dumps(spec, sort_keys=True)
+
+
+def name_pattern(names: Iterable[str]) -> str:
+    """A wildcard constraint matching exactly these names (never matching when there are none)."""
+    names = sorted(names)
+    return "|".join(map(re.escape, names)) if names else "(?!)"
 
 
 def available_cpus() -> int:

@@ -10,14 +10,15 @@ localrules:
 # run), on a cluster one more submission, and each `grokpipe` process imports torch again.
 # The curves come first (from metadata.json alone); a failed check fails the job before the
 # measures (Snakemake removes the job's outputs), while verification.json in the run keeps what
-# was found.
+# was found. Runs of cells without progress measures (another operation, a deeper model) take
+# analyze_without_progress below: the same job, fewer outputs.
 rule analyze:
     input:
         model=f"{RUN}/{{model_name}}_p{{prime}}_seed{{seed}}.safetensors",
         config=f"{RUN}/config.json",
         metadata=f"{RUN}/metadata.json",
     output:
-        **(PROGRESS_OUTPUTS if GRID_HAS_PROGRESS else {}),
+        **PROGRESS_OUTPUTS,
         report=f"{RUN}/verify.json",
         curves_png=report(
             f"{RUN}/artifacts/loss_curves.png",
@@ -28,15 +29,34 @@ rule analyze:
         curves_svg=f"{RUN}/artifacts/loss_curves.svg",
     log:
         "logs/{model_name}/analyze/{model_name}_p{prime}_seed{seed}.log",
+    wildcard_constraints:
+        model_name=analyzed_with_progress(),
     conda:
         CONDA_ENV
     threads: 1
     params:
         run_dir=run_dir,
-        progress=analysis_progress_flags(),
+        progress=f"--progress --key-frequencies {key_frequencies_flag()}",
     shell:
         "grokpipe analyze {params.run_dir:q} --report {output.report:q} {params.progress}"
         " > {log:q} 2>&1"
+
+
+use rule analyze as analyze_without_progress with:
+    output:
+        report=f"{RUN}/verify.json",
+        curves_png=report(
+            f"{RUN}/artifacts/loss_curves.png",
+            caption="../report/loss_curves.rst",
+            category="Loss curves",
+            labels={"model": "{model_name}", "prime": "{prime}", "seed": "{seed}"},
+        ),
+        curves_svg=f"{RUN}/artifacts/loss_curves.svg",
+    wildcard_constraints:
+        model_name=analyzed_without_progress(),
+    params:
+        run_dir=run_dir,
+        progress="",
 
 
 rule summarize:

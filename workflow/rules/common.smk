@@ -1,8 +1,8 @@
 # Shared helpers: config validation, paths and the per-run spec handed to `grokpipe train`.
 
 import functools
+import json
 import os
-import re
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -16,7 +16,9 @@ from grokpipe.config import (
 from grokpipe.errors import GrokpipeError
 from grokpipe.io.detect import holds_checkpoint_dirs
 from grokpipe.layout import RUN_DIR_RE
+from grokpipe.sweep import cells_by_name
 from grokpipe.workflow import (
+    name_pattern,
     threads_per_run,
     train_spec_json,
     tune_gc_for_large_dags,
@@ -30,6 +32,11 @@ try:
     check_semantics(config, "config")
 except (WorkflowError, ConfigError) as exc:
     raise WorkflowError(describe_validation_failure(exc, "config")) from None
+
+# The sweep's cells (one, named model_name, without a sweep): each a grid of primes x seeds with
+# its own settings, at results/{cell}/. Expanded once per parse, never per job.
+CELLS = cells_by_name(config, "config")
+SWEEP = config["model_name"] if config["sweep"] else None
 
 RESULTS = config["results_dir"]
 RUN = f"{RESULTS}/{{model_name}}/{{model_name}}_p{{prime}}_seed{{seed}}"
@@ -57,10 +64,16 @@ def run_dir(wildcards):
 
 
 def train_spec(wildcards):
-    """JSON spec of the requested run; a params value, so changing a hyperparameter reruns it."""
+    """JSON spec of the requested run (its cell's settings); a params value, so changing a
+    hyperparameter reruns it."""
+    cell = CELLS.get(wildcards.model_name)
     try:
         return train_spec_json(
-            config, wildcards.model_name, wildcards.prime, wildcards.seed
+            cell.config if cell else config,
+            wildcards.model_name,
+            wildcards.prime,
+            wildcards.seed,
+            cell.settings if cell else None,
         )
     except GrokpipeError as exc:
         raise WorkflowError(str(exc)) from None
@@ -85,15 +98,15 @@ def legacy_pattern(wildcard):
     are none."""
     # legacy_runs() holds (model_name, prime, seed) tuples
     field = ("model_name", "prime", "seed").index(wildcard)
-    values = sorted({run[field] for run in legacy_runs()})
-    return "|".join(map(re.escape, values)) if values else "(?!)"
+    return name_pattern({run[field] for run in legacy_runs()})
 
 
 @functools.cache
 def runs():
-    """(model_name, prime, seed) of every run: the configured grid and every legacy pickle."""
+    """(model_name, prime, seed) of every run: every cell's grid and every legacy pickle."""
     grid = [
-        (config["model_name"], str(p), str(s))
+        (name, str(p), str(s))
+        for name in CELLS
         for p in config["primes"]
         for s in config["seeds"]
     ]
@@ -116,25 +129,40 @@ def run_file(run, name):
     return f"{RUN.format(model_name=model_name, prime=prime, seed=seed)}/{name}"
 
 
-# Progress measures need a one-layer model with an MLP: legacy runs (the demo's) and grids whose
-# model is one.
-GRID_HAS_PROGRESS = progress_unsupported_reason(config["model"]) is None
+# Progress measures need modular addition on a one-layer model with an MLP: legacy runs (the
+# demo's) and the cells whose settings are such. The analysis rules split on the model name.
+PROGRESS_CELLS = {
+    name
+    for name, cell in CELLS.items()
+    if progress_unsupported_reason(
+        cell.config["model"], cell.config["task"]["operation"]
+    )
+    is None
+}
+LEGACY_NAMES = {run[0] for run in legacy_runs()}
 
 
 def has_progress(run):
-    return GRID_HAS_PROGRESS or run in set(legacy_runs())
+    return run[0] in PROGRESS_CELLS or run in set(legacy_runs())
+
+
+def analyzed_with_progress():
+    """Model names whose runs' analysis job computes the progress measures."""
+    return name_pattern(PROGRESS_CELLS | (LEGACY_NAMES - set(CELLS)))
+
+
+def analyzed_without_progress():
+    return name_pattern(set(CELLS) - PROGRESS_CELLS)
+
+
+def legacy_without_progress_cell():
+    """Model names of legacy runs in a cell whose own runs have no progress measures."""
+    return name_pattern(LEGACY_NAMES & (set(CELLS) - PROGRESS_CELLS))
 
 
 def key_frequencies_flag():
     frequencies = config.get("key_frequencies")
     return ",".join(map(str, frequencies)) if frequencies else "auto"
-
-
-def analysis_progress_flags():
-    """`grokpipe analyze` flags: the progress measures too when the grid's model has them."""
-    if not GRID_HAS_PROGRESS:
-        return ""
-    return f"--progress --key-frequencies {key_frequencies_flag()}"
 
 
 def run_outputs(run):
@@ -185,13 +213,24 @@ def consolidate_dtype_flag():
     return f"--dtype {dtype}" if dtype else ""
 
 
+def sweep_inputs(wildcards):
+    """metadata.json of every run of the sweep: its report's input."""
+    return [run_file(run, "metadata.json") for run in runs() if run[0] in CELLS]
+
+
+def sweep_config_json(wildcards):
+    """The workflow's config as JSON for `grokpipe sweep-report`, which expands it itself."""
+    return json.dumps(config)  # key order kept: the axes' order names the cells
+
+
 def final_targets():
-    """Per run: its training and analysis (run_outputs); per model: the grid summary; per imported
-    checkpoint: its consolidation."""
+    """Per run: its training and analysis (run_outputs); per model: the grid summary; per sweep:
+    its table and figures; per imported checkpoint: its consolidation."""
     per_run = [path for run in runs() for path in run_outputs(run)]
     per_model = [
         f"{RESULTS}/{model_name}/summary.csv"
         for model_name in sorted({run[0] for run in runs()})
     ]
+    per_sweep = [f"{RESULTS}/_sweeps/{SWEEP}/sweep.csv"] if SWEEP else []
     per_import = [f"{CONSOLIDATED}/{name}" for name in imports()]
-    return per_run + per_model + per_import
+    return per_run + per_model + per_sweep + per_import

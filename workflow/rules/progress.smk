@@ -1,7 +1,7 @@
 # Progress measures (Nanda et al. 2023) over every checkpoint of a run: restricted and excluded loss,
 # sum of squared weights, Gini coefficients of the Fourier norms, and the key frequencies.
-# When the grid's model has them, every run's analysis job (analysis.smk) computes them; this rule
-# is then not defined. Otherwise only legacy runs (the demo's model) have them, from this rule.
+# The analysis job of every run whose cell has them computes them (analysis.smk); this rule serves
+# legacy runs (the demo's model) placed under a cell whose own runs have none.
 
 PROGRESS_OUTPUTS = dict(
     progress_csv=f"{RUN}/artifacts/progress_measures.csv",
@@ -16,23 +16,23 @@ PROGRESS_OUTPUTS = dict(
 )
 
 
-if not GRID_HAS_PROGRESS:
-
-    rule progress:
-        input:
-            model=f"{RUN}/{{model_name}}_p{{prime}}_seed{{seed}}.safetensors",
-            config=f"{RUN}/config.json",
-            metadata=f"{RUN}/metadata.json",
-        output:
-            **PROGRESS_OUTPUTS,
-        log:
-            "logs/{model_name}/progress/{model_name}_p{prime}_seed{seed}.log",
-        conda:
-            CONDA_ENV
-        threads: 1
-        params:
-            run_dir=run_dir,
-            key_frequencies=key_frequencies_flag(),
-        shell:
-            "grokpipe progress {params.run_dir:q} --key-frequencies {params.key_frequencies}"
-            " > {log:q} 2>&1"
+rule progress:
+    input:
+        model=f"{RUN}/{{model_name}}_p{{prime}}_seed{{seed}}.safetensors",
+        config=f"{RUN}/config.json",
+        metadata=f"{RUN}/metadata.json",
+    output:
+        **PROGRESS_OUTPUTS,
+    log:
+        "logs/{model_name}/progress/{model_name}_p{prime}_seed{seed}.log",
+    wildcard_constraints:
+        model_name=legacy_without_progress_cell(),
+    conda:
+        CONDA_ENV
+    threads: 1
+    params:
+        run_dir=run_dir,
+        key_frequencies=key_frequencies_flag(),
+    shell:
+        "grokpipe progress {params.run_dir:q} --key-frequencies {params.key_frequencies}"
+        " > {log:q} 2>&1"

@@ -83,6 +83,10 @@ def run_state(layout: RunLayout, verify: dict | None = None) -> tuple[str, int |
             state = f"diverged at epoch {metadata['diverged_at_epoch']}"
         elif verify is not None and not verify.get("ok", False):
             state = "verification failed"
+        elif metadata.get("stopped_at_epoch") is not None:
+            state = f"stopped early at epoch {metadata['stopped_at_epoch']}" + (", verified" if verify else "")
+        elif verify is not None and not verify.get("ok", False):
+            state = "verification failed"
         elif metadata.get("source") == "converted":
             state = "converted from legacy"
         else:
@@ -111,6 +115,8 @@ def inspect_run(run_dir: Path) -> dict:
         "model_name": config.get("model_name"),
         "prime": config.get("prime"),
         "seed": config.get("seed"),
+        "operation": (config.get("task") or {}).get("operation", "add") if config else None,
+        "sweep_cell": config.get("sweep_cell") or None,
         "training": config.get("training"),
         "config": _config_summary(config.get("hooked_transformer_config")),
         "epochs_done": done,
@@ -119,7 +125,12 @@ def inspect_run(run_dir: Path) -> dict:
         "final_test_loss": metadata.get("final_test_loss"),
         "grokking_epoch": metadata.get("grokking_epoch"),
         "grokking_threshold": metadata.get("grokking_threshold"),
+        "memorization_epoch": metadata.get("memorization_epoch"),
+        "final_train_accuracy": metadata.get("final_train_accuracy"),
+        "final_test_accuracy": metadata.get("final_test_accuracy"),
         "diverged_at_epoch": metadata.get("diverged_at_epoch"),
+        "stop_reason": metadata.get("stop_reason"),
+        "noisy_labels": len(metadata["noisy_indices"]) if metadata.get("noisy_indices") else None,
         "verification_problems": (verification or {}).get("problems"),
         "final_model": final,
     }
@@ -201,33 +212,86 @@ def inspect_path(path: str | Path) -> dict:
     return inspect_legacy(path)
 
 
-def list_runs(results_dir: str | Path) -> list[dict]:
-    """Every run directory under ``results_dir`` (``{model_name}/{model_name}_p{prime}_seed{seed}``)."""
+def config_value(config: dict, key: str):
+    """The value of ``key`` (``prime``, ``seed``, ``model_name`` or a dotted ``training.*``,
+    ``model.*``, ``task.*`` key) in a run's config.json (absent keys: their default, if known)."""
+    section, _, name = key.partition(".")
+    if not name:
+        return config.get(key)
+    defaults = {"task.operation": "add", "training.label_noise": 0, "training.early_stopping": None}
+    return (config.get(section) or {}).get(name, defaults.get(key))
+
+
+def matches(value, wanted: str) -> bool:
+    """Whether a config value equals a value written on the command line (numbers by value)."""
+    from ..sweep import format_value
+
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return float(wanted) == float(value)
+        except ValueError:
+            return False
+    return wanted == format_value(value) or wanted == str(value)
+
+
+def parse_filters(filters: list[str]) -> list[tuple[str, str]]:
+    """``KEY=VALUE`` strings as (key, value) pairs; a malformed one is an error naming it."""
+    pairs = []
+    for text in filters:
+        key, sep, value = text.partition("=")
+        if not sep or not key or not value:
+            raise GrokpipeError(f"--where {text!r}: expected KEY=VALUE, e.g. training.weight_decay=0.3")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def _run_dirs(results_dir: Path):
+    """(model directory, run directory) of every run under a results tree, or under one model
+    directory (results/{model_name}) when that is what is given."""
+    model_dirs = [results_dir] if any(_is_run_of(d, results_dir) for d in results_dir.iterdir()) else []
+    model_dirs = model_dirs or sorted(p for p in results_dir.iterdir() if p.is_dir())
+    for model_dir in model_dirs:
+        for run_dir in model_dir.iterdir():
+            if _is_run_of(run_dir, model_dir):
+                yield run_dir
+
+
+def _is_run_of(run_dir: Path, model_dir: Path) -> bool:
+    named = RUN_DIR_RE.match(run_dir.name)
+    return bool(named) and named["model_name"] == model_dir.name and run_dir.is_dir()
+
+
+def list_runs(results_dir: str | Path, where: list[tuple[str, str]] = ()) -> list[dict]:
+    """Every run directory under ``results_dir`` (``{model_name}/{model_name}_p{prime}_seed{seed}``,
+    or the runs of one ``results/{model_name}``) whose config.json has every ``(key, value)`` of
+    ``where`` (:func:`config_value`, e.g. ``("training.weight_decay", "0.3")``)."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise GrokpipeError(f"{results_dir}: no such results directory")
     rows = []
-    for model_dir in sorted(p for p in results_dir.iterdir() if p.is_dir()):
-        for run_dir in model_dir.iterdir():
-            named = RUN_DIR_RE.match(run_dir.name)
-            if not run_dir.is_dir() or not named or named["model_name"] != model_dir.name:
-                continue
-            layout = RunLayout(run_dir)
-            state, done = run_state(layout)
-            metadata = _json(layout.metadata) or {}
-            rows.append(
-                {
-                    "model_name": named["model_name"],
-                    "prime": int(named["prime"]),
-                    "seed": int(named["seed"]),
-                    "epochs_done": done,
-                    "num_epochs": metadata.get("num_epochs"),
-                    "state": state,
-                    "grokking_epoch": metadata.get("grokking_epoch"),
-                    "final_test_loss": metadata.get("final_test_loss"),
-                    "path": str(run_dir),
-                }
-            )
+    for run_dir in _run_dirs(results_dir):
+        named = RUN_DIR_RE.match(run_dir.name)
+        layout = RunLayout(run_dir)
+        config = _json(layout.config) or {}
+        if not all(matches(config_value(config, key), value) for key, value in where):
+            continue
+        state, done = run_state(layout)
+        metadata = _json(layout.metadata) or {}
+        rows.append(
+            {
+                "model_name": named["model_name"],
+                "prime": int(named["prime"]),
+                "seed": int(named["seed"]),
+                "operation": config_value(config, "task.operation") if config else None,
+                "sweep_cell": config.get("sweep_cell") or {},
+                "epochs_done": done,
+                "num_epochs": metadata.get("num_epochs"),
+                "state": state,
+                "grokking_epoch": metadata.get("grokking_epoch"),
+                "final_test_loss": metadata.get("final_test_loss"),
+                "path": str(run_dir),
+            }
+        )
     return sorted(rows, key=lambda r: (r["model_name"], r["prime"], r["seed"]))
 
 
@@ -247,11 +311,18 @@ def format_inspection(info: dict) -> str:
         "model_name",
         "prime",
         "seed",
+        "operation",
+        "sweep_cell",
         "epochs_done",
         "final_train_loss",
         "final_test_loss",
+        "final_train_accuracy",
+        "final_test_accuracy",
         "grokking_epoch",
         "grokking_threshold",
+        "memorization_epoch",
+        "stop_reason",
+        "noisy_labels",
         "bytes",
     ):
         if info.get(key) is not None:
@@ -280,15 +351,15 @@ def format_inspection(info: dict) -> str:
 
 
 def format_listing(rows: list[dict]) -> str:
-    header = f"{'model_name':<16} {'p':>5} {'seed':>5} {'epochs':>13} {'grokked at':>10} {'test loss':>10}  state"
+    width = max([16, *(len(r["model_name"]) for r in rows)])
+    header = f"{'model_name':<{width}} {'p':>5} {'seed':>5} {'epochs':>13} {'grokked at':>10} {'test loss':>10}  state"
     lines = [header]
     for r in rows:
         epochs = f"{r['epochs_done'] if r['epochs_done'] is not None else '-'}/{r['num_epochs'] or '?'}"
         grok = "-" if r["grokking_epoch"] is None else str(r["grokking_epoch"])
         loss = "-" if r["final_test_loss"] is None else f"{r['final_test_loss']:.3g}"
-        lines.append(
-            f"{r['model_name']:<16} {r['prime']:>5} {r['seed']:>5} {epochs:>13} {grok:>10} {loss:>10}  {r['state']}"
-        )
+        run = f"{r['model_name']:<{width}} {r['prime']:>5} {r['seed']:>5}"
+        lines.append(f"{run} {epochs:>13} {grok:>10} {loss:>10}  {r['state']}")
     return "\n".join(lines)
 
 

@@ -157,7 +157,7 @@ def progress_measures(run_dir: str | Path, frequencies: list[int] | None = None)
     layout = RunLayout(Path(run_dir))
     metadata, config = load_metadata(layout.root), load_config(layout.root)
     model = empty_model(config_from_json(config["hooked_transformer_config"]))
-    reason = progress_unsupported_reason(model.cfg.to_dict())
+    reason = progress_unsupported_reason(model.cfg.to_dict(), metadata.get("operation", "add"))
     if reason:
         raise GrokpipeError(f"{layout.root}: no progress measures: {reason}")
     p = int(metadata["prime"])

@@ -125,6 +125,8 @@ def verify_run(run_dir: str | Path, recompute: str | int = "auto") -> Report:
     if metadata is not None:
         intact &= _check_hashes(report, layout, metadata, files)
         _check_metadata(report, layout, metadata, headers)
+    if config is not None and metadata is not None and metadata.get("source", "trained") == "trained":
+        _check_split(report, layout, metadata, config)
     if config is not None:
         loaded = _check_strict_loads(report, layout, config, files, intact)
         if metadata is not None and loaded:
@@ -175,11 +177,12 @@ def _check_metadata(report: Report, layout: RunLayout, metadata: dict, headers: 
                 layout.checkpoint(epoch) if epoch is not None else layout.final_model,
                 f"header says epoch {label}, expected {want}",
             )
-        for key in ("prime", "seed"):
-            if key in header.metadata and str(metadata.get(key)) != header.metadata[key]:
+        for key in ("prime", "seed", "operation"):
+            recorded = metadata.get(key, "add" if key == "operation" else None)
+            if key in header.metadata and str(recorded) != header.metadata[key]:
                 report.problem(
                     layout.checkpoint(epoch) if epoch is not None else layout.final_model,
-                    f"header {key} {header.metadata[key]} differs from metadata.json ({metadata.get(key)})",
+                    f"header {key} {header.metadata[key]} differs from metadata.json ({recorded})",
                 )
     _check_schedule(report, layout, metadata, on_disk)
     final_epoch = metadata.get("final_epoch")
@@ -195,14 +198,42 @@ def _check_metadata(report: Report, layout: RunLayout, metadata: dict, headers: 
             f"the run diverged at epoch {diverged} (a non-finite loss) and stopped there; "
             "its weights from that epoch on are not usable",
         )
-    prime = metadata.get("prime")
+    from ..training.tasks import OPERATIONS, pair_ids
+
+    prime, operation = metadata.get("prime"), metadata.get("operation", "add")
     train, test = metadata.get("train_indices"), metadata.get("test_indices")
-    if not isinstance(prime, int) or not isinstance(train, list) or not isinstance(test, list):
+    if operation not in OPERATIONS:
+        report.problem(meta_path, f"unknown operation {operation!r}")
+    elif not isinstance(prime, int) or not isinstance(train, list) or not isinstance(test, list):
         report.problem(meta_path, "prime, train_indices or test_indices missing")
-    elif sorted(train + test) != list(range(prime * prime)):
+    elif sorted(train + test) != pair_ids(prime, operation).tolist():
         report.problem(
-            meta_path, f"train_indices and test_indices do not partition the {prime * prime} pairs of p = {prime}"
+            meta_path,
+            f"train_indices and test_indices do not partition the {len(pair_ids(prime, operation))} pairs "
+            f"of {operation} with p = {prime}",
         )
+
+
+def _check_split(report: Report, layout: RunLayout, metadata: dict, config: dict) -> None:
+    """A trained run's split and label noise, recomputed from config.json, equal metadata.json's."""
+    from ..config import RunSpec
+    from ..training.data import make_split
+
+    try:
+        spec = RunSpec.from_dict(config)
+        t = spec.training
+        split = make_split(spec.prime, t.frac_train, t.data_seed, operation=spec.operation, label_noise=t.label_noise)
+    except (KeyError, TypeError, ValueError) as exc:
+        report.problem(layout.config, f"does not describe a run's data ({exc})")
+        return
+    for key, recomputed in (
+        ("train_indices", split.train_indices),
+        ("test_indices", split.test_indices),
+        ("noisy_indices", split.noisy_indices),
+        ("noisy_labels", split.noisy_labels),
+    ):
+        if metadata.get(key, []) != recomputed.tolist():
+            report.problem(layout.metadata, f"{key} differ from the split config.json's settings give")
 
 
 def _check_schedule(report: Report, layout: RunLayout, metadata: dict, on_disk: list[int]) -> None:
@@ -266,16 +297,17 @@ def segment_of(metadata: dict, epoch: int) -> dict:
 
 
 def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, loaded: dict, recompute) -> None:
-    from ..training.data import all_pairs
     from ..training.lean_forward import objective_fn
+    from ..training.tasks import labels_of, tokens_of
 
     prime, test_losses = metadata.get("prime"), metadata.get("test_losses")
     try:
-        tokens, labels = all_pairs(prime)
         test_idx = torch.tensor(metadata["test_indices"], dtype=torch.long)
         train_idx = torch.tensor(metadata["train_indices"], dtype=torch.long)
-        test_tokens, test_labels, train_tokens = tokens[test_idx], labels[test_idx], tokens[train_idx]
-    except (TypeError, KeyError, IndexError, RuntimeError):
+        test_tokens, train_tokens = tokens_of(test_idx, prime), tokens_of(train_idx, prime)
+        # the test set is clean whatever the label noise: the operation's own labels
+        test_labels = labels_of(test_idx, prime, metadata.get("operation", "add"))
+    except (TypeError, KeyError, IndexError, RuntimeError, ValueError):
         return  # already reported by the metadata checks
     trained = metadata.get("source", "trained") == "trained"
     epochs = sorted(loaded["states"])
@@ -300,7 +332,7 @@ def _check_recomputed_losses(report: Report, layout: RunLayout, metadata: dict, 
             objectives[implementation] = objective_fn(model, implementation, (train_tokens, test_tokens))
         with _threads(env.get("threads")), torch.inference_mode():
             model.load_state_dict(loaded["states"][epoch], strict=True)
-            value = objectives[implementation](test_tokens, test_labels).item()
+            value = objectives[implementation](test_tokens, test_labels)[0].item()
         recorded = test_losses[epoch]
         if abs(value - recorded) > rel_tol * abs(recorded) + abs_tol:
             report.problem(

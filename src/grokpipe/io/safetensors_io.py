@@ -17,7 +17,9 @@ from .atomic import write_bytes_atomic
 
 def provenance(spec: RunSpec, epoch: int, kind: str, hooked_config: dict) -> dict[str, str]:
     """Header metadata of a trained model file."""
-    return header(spec.model_name, spec.prime, spec.seed, spec.config_hash, epoch, kind, hooked_config)
+    return header(
+        spec.model_name, spec.prime, spec.seed, spec.config_hash, epoch, kind, hooked_config, operation=spec.operation
+    )
 
 
 def header(
@@ -29,6 +31,7 @@ def header(
     kind: str,
     hooked_config: dict,
     source: str = "trained",
+    operation: str = "add",
 ) -> dict[str, str]:
     """String-only ``__metadata__`` of a model file (safetensors' rule); ``format=pt`` is what
     Hugging Face loaders require."""
@@ -38,6 +41,7 @@ def header(
         "epoch": str(epoch),
         "prime": str(prime),
         "seed": str(seed),
+        "operation": operation,  # the task (grokpipe.training.tasks); legacy demo pickles are "add"
         "model_name": model_name,
         "grokpipe_version": __version__,
         "config_hash": config_hash,

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import LEAN_ACT_FNS
-from .cross_entropy import cross_entropy
+from .cross_entropy import cross_entropy_and_correct
 
 ACTIVATIONS = {name: getattr(F, name) for name in LEAN_ACT_FNS}  # torch.nn.functional.relu, ...
 COMPOSED_BACKWARD = False  # tests set it to check, on the CPU, the backward other devices take
@@ -399,14 +399,15 @@ def logits(model, tables: Tables, plan: TokenPlan) -> torch.Tensor:
     return _plan_logits(model, tables, plan).index_select(0, plan.inverse)
 
 
-def loss(model, tables: Tables, plan: TokenPlan, labels: torch.Tensor) -> torch.Tensor:
+def loss(model, tables: Tables, plan: TokenPlan, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The lean loss (:func:`grokpipe.training.cross_entropy.cross_entropy`) of the last-position
-    logits against ``labels`` (in the tokens' order), from tables made by :func:`build_tables`.
+    logits against ``labels`` (in the tokens' order), from tables made by :func:`build_tables`, and
+    the number of examples classified correctly.
     The labels follow the logits into the plan's order instead of the logits returning to the
     tokens' (a mean does not depend on the order): no copy back of the logits, nor of their
     gradient, and evaluation blocks write their logits in place (an epoch at p = 113 -4 %, in-process
     A/B)."""
-    return cross_entropy(_plan_logits(model, tables, plan), labels.index_select(0, plan.order))
+    return cross_entropy_and_correct(_plan_logits(model, tables, plan), labels.index_select(0, plan.order))
 
 
 def _plan_logits(model, tables: Tables, plan: TokenPlan) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import folded
-from .cross_entropy import cross_entropy
+from .cross_entropy import count_correct, cross_entropy, cross_entropy_and_correct
 from .folded import ACTIVATIONS, TableLayout, TokenPlan
 
 
@@ -131,12 +131,13 @@ class LeanForward:
             return last_position_logits(self.model, tokens)
         return folded.logits(self.model, self._tables(), plan)
 
-    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The lean loss of the logits of ``tokens`` against ``labels`` (for the token sets given
-        to one-layer models, with the logits in the plan's order: :func:`folded.loss`)."""
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lean loss of the logits of ``tokens`` against ``labels`` and the number classified
+        correctly (for the token sets given to one-layer models, with the logits in the plan's
+        order: :func:`folded.loss`)."""
         plan = self._plan(tokens)
         if plan is None:
-            return cross_entropy(last_position_logits(self.model, tokens), labels)
+            return cross_entropy_and_correct(last_position_logits(self.model, tokens), labels)
         return folded.loss(self.model, self._tables(), plan, labels)
 
     def _plan(self, tokens: torch.Tensor) -> TokenPlan | None:
@@ -180,10 +181,16 @@ def forward_fn(model, implementation: str, token_sets=(), optimizer=None):
 
 
 def objective_fn(model, implementation: str, token_sets=(), optimizer=None):
-    """The callable training and verification compute losses with: (tokens, labels) -> the loss of
-    :func:`loss_for` on the last-position logits (arguments as :func:`forward_fn`)."""
+    """The callable training and verification compute losses with: (tokens, labels) -> (the loss of
+    :func:`loss_for` on the last-position logits, the number of examples classified correctly as a
+    0-d tensor) (arguments as :func:`forward_fn`)."""
     forward = forward_fn(model, implementation, token_sets, optimizer)
     if isinstance(forward, LeanForward):
         return forward.loss
     loss = loss_for(implementation)
-    return lambda tokens, labels: loss(forward(tokens), labels)
+
+    def objective(tokens, labels):
+        logits = forward(tokens)
+        return loss(logits, labels), count_correct(logits.detach(), labels)
+
+    return objective

@@ -45,7 +45,10 @@ class Progress:
     checkpoint_epochs: list[int] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # run-relative path -> sha256
     diverged_at_epoch: int | None = None  # first epoch with a non-finite loss
+    stopped_at_epoch: int | None = None  # where the early-stopping rule ended training
     segments: list[dict] = field(default_factory=list)  # one per process that trained epochs
+    train_accuracies: list[float | None] = field(default_factory=list)  # None: not recorded
+    test_accuracies: list[float | None] = field(default_factory=list)  # None: not evaluated
 
 
 def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -79,12 +82,21 @@ def save(layout: RunLayout, model, optimizer, progress: Progress, config_hash: s
             "checkpoint_epochs": progress.checkpoint_epochs,
             "files": progress.files,
             "diverged_at_epoch": progress.diverged_at_epoch,
+            "stopped_at_epoch": progress.stopped_at_epoch,
             "segments": progress.segments,
+            "train_accuracies": progress.train_accuracies,
+            "test_accuracies": progress.test_accuracies,
         },
     )
     for old in layout.resume_dir.glob("state_epoch_*.safetensors"):
         if old.name != tensors_name:
             old.unlink(missing_ok=True)
+
+
+def _optional_floats(values, epoch: int) -> list[float | None]:
+    if values is None:
+        return [None] * (epoch + 1)
+    return [None if x is None else float(x) for x in values]
 
 
 @dataclass
@@ -114,7 +126,11 @@ def load(layout: RunLayout, config_hash: str, num_epochs: int) -> tuple[Loaded |
             checkpoint_epochs=[int(x) for x in state["checkpoint_epochs"]],
             files={str(k): str(v) for k, v in state["files"].items()},
             diverged_at_epoch=state.get("diverged_at_epoch"),
+            stopped_at_epoch=state.get("stopped_at_epoch"),
             segments=[dict(segment) for segment in state.get("segments", [])],
+            # states written before accuracies were recorded: unknown for the epochs so far
+            train_accuracies=_optional_floats(state.get("train_accuracies"), epoch),
+            test_accuracies=_optional_floats(state.get("test_accuracies"), epoch),
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return None, f"{state_path} is unreadable ({exc})"
@@ -125,7 +141,8 @@ def load(layout: RunLayout, config_hash: str, num_epochs: int) -> tuple[Loaded |
         )
     if epoch >= num_epochs:
         return None, f"{state_path} is at epoch {epoch}, beyond num_epochs={num_epochs}: starting a new run"
-    if len(progress.train_losses) != epoch + 1 or len(progress.test_losses) != epoch + 1:
+    lengths = {len(series) for series in (progress.train_losses, progress.test_losses, progress.train_accuracies)}
+    if lengths != {epoch + 1} or len(progress.test_accuracies) != epoch + 1:
         return None, f"{state_path} holds {len(progress.train_losses)} losses for epoch {epoch}"
     if not tensors_path.exists() or sha256_file(tensors_path) != expected_sha:
         return None, f"{tensors_path} is missing or does not match {state_path}"

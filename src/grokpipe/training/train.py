@@ -40,6 +40,12 @@ DIVERGENCE_RULE = (
     "training stops after the first epoch whose train or test loss is not finite (NaN/inf); that epoch "
     "is diverged_at_epoch and final_epoch, its non-finite losses are recorded as null"
 )
+EARLY_STOPPING_RULE = (
+    "training stops at the first checkpoint epoch at or after E + after_epochs, where E is the first "
+    "evaluated epoch whose test loss is below test_loss_below; that checkpoint is the final model"
+)
+INDICES_CONVENTION = "train/test/noisy indices are pair ids a * p + b of the inputs [a, b, =] (token p is =)"
+MEMORIZATION_ACCURACY = 0.99  # the memorization epoch is the first with train accuracy >= this
 EPOCH_CONVENTION = (
     "0-based epochs; checkpoint E holds the weights after epoch E's optimizer step and is written "
     "when (E + 1) % checkpoint_every == 0 (the TransformerLens grokking demo's labels)"
@@ -58,6 +64,21 @@ def grokking_epoch(test_losses: list[float | None], threshold: float) -> int | N
         if loss is not None and loss < threshold:
             return epoch
     return None
+
+
+def first_epoch_at_least(values: list[float | None], level: float) -> int | None:
+    """First epoch whose value is >= ``level`` (None entries skipped; None if none is)."""
+    return next((epoch for epoch, x in enumerate(values) if x is not None and x >= level), None)
+
+
+def early_stop_epoch(first_below: int | None, rule: dict | None, checkpoint_every: int) -> int | None:
+    """The epoch the early-stopping ``rule`` ends training at, given the first epoch whose test loss
+    fell below its threshold (None: not yet, or no rule): the first checkpoint epoch at or after
+    ``first_below + after_epochs``, so the run ends on a checkpoint and a resume point."""
+    if rule is None or first_below is None:
+        return None
+    target = first_below + rule["after_epochs"]
+    return -(-(target + 1) // checkpoint_every) * checkpoint_every - 1
 
 
 def is_eval_epoch(epoch: int, t) -> bool:
@@ -153,16 +174,26 @@ def train(
     threads: int = 1,
     grokking_threshold: float = 0.01,
     progress_bar: bool = True,
+    sweep_cell: dict | None = None,
 ) -> dict:
     """Train (or resume) one run into ``run_dir``; returns the metadata written to metadata.json.
 
-    The run's writer lock is held throughout: a second writer is refused, not raced.
+    ``sweep_cell``: the sweep axes' values of the run's cell (recorded in config.json). The run's
+    writer lock is held throughout: a second writer is refused, not raced.
     """
     with writer_lock(run_dir, "train"):
-        return _train_locked(spec, Path(run_dir), device, threads, grokking_threshold, progress_bar)
+        return _train_locked(spec, Path(run_dir), device, threads, grokking_threshold, progress_bar, sweep_cell)
 
 
-def _train_locked(spec: RunSpec, run_dir: Path, device: str, threads: int, threshold: float, progress_bar: bool):
+def _train_locked(
+    spec: RunSpec,
+    run_dir: Path,
+    device: str,
+    threads: int,
+    threshold: float,
+    progress_bar: bool,
+    sweep_cell: dict | None,
+):
     torch.set_num_threads(threads)
     device = resolve_device(device)
     layout = RunLayout(run_dir)
@@ -172,7 +203,9 @@ def _train_locked(spec: RunSpec, run_dir: Path, device: str, threads: int, thres
         for stale in remove_stale_temporaries(directory):
             log.info("removed temporary file left by an interrupted write: %s", stale)
 
-    split = make_split(spec.prime, t.frac_train, t.data_seed, device)
+    split = make_split(
+        spec.prime, t.frac_train, t.data_seed, device, operation=spec.operation, label_noise=t.label_noise
+    )
     model = training_model(spec, device)
     unsupported = unsupported_reason(model.cfg) if t.implementation == "lean" else None
     if unsupported:
@@ -219,10 +252,16 @@ def _train_locked(spec: RunSpec, run_dir: Path, device: str, threads: int, thres
     progress.checkpoint_epochs = [e for e in progress.checkpoint_epochs if layout.checkpoint(e).exists()]
     progress.files = {rel: sha for rel, sha in progress.files.items() if (layout.root / rel).exists()}
 
-    write_json_atomic(layout.config, _config_record(spec, hooked_config))
+    write_json_atomic(layout.config, _config_record(spec, hooked_config, sweep_cell))
 
+    # The early-stopping rule may have changed since the run stopped: decide again from its losses.
+    rule = t.early_stopping
+    first_below = None if rule is None else grokking_epoch(progress.test_losses, rule["test_loss_below"])
+    stop_at = early_stop_epoch(first_below, rule, t.checkpoint_every)
+    progress.stopped_at_epoch = progress.epoch if stop_at is not None and stop_at <= progress.epoch else None
     start = progress.epoch + 1
-    last = t.num_epochs - 1 if progress.diverged_at_epoch is None else progress.epoch
+    ended = progress.diverged_at_epoch is not None or progress.stopped_at_epoch is not None
+    last = progress.epoch if ended else t.num_epochs - 1
     segment = _segment(start, device, threads, implementation)
     if start <= last:
         progress.segments.append(segment)
@@ -237,18 +276,23 @@ def _train_locked(spec: RunSpec, run_dir: Path, device: str, threads: int, thres
         disable=not progress_bar,
         ascii=True,
     )
+    n_train, n_test = len(split.train_labels), len(split.test_labels)
     for epoch in bar:
-        train_loss = objective(split.train_tokens, split.train_labels)
+        train_loss, train_correct = objective(split.train_tokens, split.train_labels)
         train_loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        test_loss = None
+        test_loss = test_accuracy = None
         if is_eval_epoch(epoch, t):
             with torch.inference_mode():
-                test_loss = objective(split.test_tokens, split.test_labels).item()
+                test_loss, test_correct = objective(split.test_tokens, split.test_labels)
+                test_loss, test_accuracy = test_loss.item(), round(test_correct.item() / n_test, 6)
         train_value = train_loss.item()
         progress.train_losses.append(finite_or_none(train_value))
         progress.test_losses.append(None if test_loss is None else finite_or_none(test_loss))
+        # accuracies of the weights the losses were computed on (train: before this epoch's step)
+        progress.train_accuracies.append(round(train_correct.item() / n_train, 6))
+        progress.test_accuracies.append(test_accuracy)
         progress.epoch = epoch
         segment.update(last_epoch=epoch, seconds=round(time.perf_counter() - began, 3))
         diverged = not math.isfinite(train_value) or (test_loss is not None and not math.isfinite(test_loss))
@@ -263,6 +307,19 @@ def _train_locked(spec: RunSpec, run_dir: Path, device: str, threads: int, thres
                 train_value,
                 test_loss,
             )
+
+        if rule is not None and first_below is None and test_loss is not None and test_loss < rule["test_loss_below"]:
+            first_below = epoch
+            stop_at = early_stop_epoch(first_below, rule, t.checkpoint_every)
+            log.info(
+                "%s: test loss below %g at epoch %d; stopping at epoch %d",
+                layout.name,
+                rule["test_loss_below"],
+                epoch,
+                stop_at,
+            )
+        if epoch == stop_at:
+            progress.stopped_at_epoch = epoch  # before the resume state below records it
 
         if (epoch + 1) % t.checkpoint_every == 0:
             path = layout.checkpoint(epoch)
@@ -279,7 +336,7 @@ def _train_locked(spec: RunSpec, run_dir: Path, device: str, threads: int, thres
                 test_loss,
                 layout.relative(path),
             )
-        if diverged:
+        if diverged or epoch == stop_at:
             break
     bar.close()
 
@@ -290,7 +347,7 @@ def _train_locked(spec: RunSpec, run_dir: Path, device: str, threads: int, thres
     final_data = serialize_state_dict(model.state_dict(), provenance(spec, final_epoch, "final", hooked_config))
     progress.files[layout.relative(layout.final_model)] = write_bytes_atomic(layout.final_model, final_data)
 
-    metadata = _metadata_record(spec, progress, split, threshold)
+    metadata = _metadata_record(spec, progress, split, threshold, first_below)
     write_json_atomic(layout.metadata, metadata)
     log.info(
         "%s: done, %d epochs, final train_loss %s test_loss %s, grokking epoch %s%s",
@@ -301,24 +358,41 @@ def _train_locked(spec: RunSpec, run_dir: Path, device: str, threads: int, thres
         metadata["grokking_epoch"],
         "" if progress.diverged_at_epoch is None else f", DIVERGED at epoch {progress.diverged_at_epoch}",
     )
+    if progress.stopped_at_epoch is not None:
+        log.info("%s: %s", layout.name, metadata["stop_reason"])
     return metadata
 
 
-def _config_record(spec: RunSpec, hooked_config: dict) -> dict:
+def _config_record(spec: RunSpec, hooked_config: dict, sweep_cell: dict | None) -> dict:
     return {
         "model_name": spec.model_name,
         "prime": spec.prime,
         "seed": spec.seed,
         "training": spec.training.to_dict(),
         "model": spec.model,
+        "task": {"operation": spec.operation},
         "hooked_transformer_config": hooked_config,
         "config_hash": spec.config_hash,
+        "sweep_cell": sweep_cell or {},  # the sweep axes' values of this run's cell (dotted keys)
         "grokpipe_version": __version__,
     }
 
 
-def _metadata_record(spec: RunSpec, progress: resume.Progress, split, threshold: float) -> dict:
-    import transformer_lens
+def _stop_reason(spec: RunSpec, progress: resume.Progress, first_below: int | None) -> str | None:
+    if progress.stopped_at_epoch is None:
+        return None
+    rule = spec.training.early_stopping
+    return (
+        f"early stopping: test loss {progress.test_losses[first_below]:.4g} < {rule['test_loss_below']} "
+        f"first at epoch {first_below}; stopped at the first checkpoint epoch at or after "
+        f"{first_below} + {rule['after_epochs']}"
+    )
+
+
+def _metadata_record(
+    spec: RunSpec, progress: resume.Progress, split, threshold: float, first_below: int | None
+) -> dict:
+    from importlib.metadata import version
 
     checkpoint_epochs = sorted(progress.checkpoint_epochs)
     last_segment = progress.segments[-1] if progress.segments else {}
@@ -328,28 +402,44 @@ def _metadata_record(spec: RunSpec, progress: resume.Progress, split, threshold:
         "model_name": spec.model_name,
         "prime": spec.prime,
         "seed": spec.seed,
+        "operation": spec.operation,
         "num_epochs": spec.training.num_epochs,
         "checkpoint_every": spec.training.checkpoint_every,
         "epoch_convention": EPOCH_CONVENTION,
         "checkpoint_epochs": checkpoint_epochs,
-        "final_epoch": progress.epoch,  # num_epochs - 1, or the epoch the run diverged at
+        "final_epoch": progress.epoch,  # num_epochs - 1, or the epoch the run diverged or stopped at
         "diverged_at_epoch": progress.diverged_at_epoch,
         "divergence_rule": DIVERGENCE_RULE,
+        "stopped_at_epoch": progress.stopped_at_epoch,
+        "stop_reason": _stop_reason(spec, progress, first_below),
+        "early_stopping": spec.training.early_stopping,
+        "early_stopping_rule": EARLY_STOPPING_RULE if spec.training.early_stopping else None,
         "eval_every": spec.training.eval_every,
         "train_losses": progress.train_losses,  # null where not finite
         "test_losses": progress.test_losses,  # null where the epoch was not evaluated, or not finite
         "final_train_loss": progress.train_losses[-1],
         "final_test_loss": progress.test_losses[-1],
+        # accuracy: the share of examples whose label has the largest logit (ties count)
+        "train_accuracies": progress.train_accuracies,  # null for epochs trained before they were recorded
+        "test_accuracies": progress.test_accuracies,  # null where the epoch was not evaluated
+        "final_train_accuracy": progress.train_accuracies[-1],
+        "final_test_accuracy": progress.test_accuracies[-1],
         "grokking_threshold": threshold,
         "grokking_epoch": grokking_epoch(progress.test_losses, threshold),
+        "memorization_accuracy": MEMORIZATION_ACCURACY,
+        "memorization_epoch": first_epoch_at_least(progress.train_accuracies, MEMORIZATION_ACCURACY),
+        "indices_convention": INDICES_CONVENTION,
         "train_indices": split.train_indices.tolist(),
         "test_indices": split.test_indices.tolist(),
+        "label_noise": spec.training.label_noise,
+        "noisy_indices": split.noisy_indices.tolist(),  # training pairs whose label is noise
+        "noisy_labels": split.noisy_labels.tolist(),  # the labels they were trained on
         "config_hash": spec.config_hash,
         "files": dict(sorted(progress.files.items())),
         "environment": {
             "grokpipe": __version__,
             "torch": torch.__version__,
-            "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+            "transformer_lens": version("transformer-lens"),
             "python": platform.python_version(),
             # of the last process that trained; every process's own is in segments
             "device": last_segment.get("device"),
