@@ -8,8 +8,9 @@ Outcome classes, per run (thresholds from the run's metadata.json):
 - ``neither``: none of these (still learning at the end, or never fitting the train set).
 
 A cell's outcome in the figures is its most frequent class over the seeds (ties go to the earlier
-class in the list above); its grokking epoch is the median over the seeds, a seed that never grokked
-counting as later than any epoch, so a cell whose median seed never grokked is marked "never".
+class in the list above); its grokking epoch is the median over the seeds (the lower middle one for
+an even number of seeds), a seed that never grokked counting as later than any epoch, so a cell
+whose median seed never grokked is marked "never".
 """
 
 from __future__ import annotations
@@ -139,8 +140,8 @@ def is_log_spaced(values: list) -> bool:
 
 
 def median_grokking_epoch(rows: list[dict]) -> float | None:
-    """Median grokking epoch over seeds, a seed that never grokked counting as infinitely late
-    (None: the median seed never grokked)."""
+    """Median grokking epoch over seeds (the lower middle one for an even count), a seed that never
+    grokked counting as infinitely late (None: the median seed never grokked)."""
     epochs = [math.inf if r["grokking_epoch"] is None else r["grokking_epoch"] for r in rows]
     median = statistics.median_low(epochs) if epochs else math.inf
     return None if math.isinf(median) else median
@@ -219,7 +220,7 @@ def plot_heat_maps(rows: list[dict], x: str, y: str | None, run_axes: list[str],
     fig_grok.colorbar(mappable, ax=grok_axes, label="median grokking epoch over seeds", shrink=0.8)
     fig_grok.suptitle("grokking epoch (cell text: median, seeds grokked / seeds)", fontsize=10)
     handles = [plt.Rectangle((0, 0), 1, 1, facecolor=OUTCOME_COLORS[name]) for name in OUTCOMES]
-    fig_outcome.legend(handles, OUTCOMES, loc="upper right", fontsize=8)
+    fig_outcome.legend(handles, OUTCOMES, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig_outcome.suptitle("outcome of most seeds (cell text: class, seeds in it / seeds)", fontsize=10)
     _save(fig_grok, grok_path)
     _save(fig_outcome, outcome_path)
@@ -252,7 +253,7 @@ def plot_against_axis(rows: list[dict], x: str, y: str | None, run_axes: list[st
                     line_x.append(position[xv])
                     line_y.append(median)
             label = f"{y} = {_label(yv)}" if y else "median over seeds"
-            ax.plot(line_x, line_y, color=color, linewidth=1.2, label=label)
+            ax.plot(line_x, line_y, color=color, linewidth=1.2, marker="o", markersize=5, label=label)
         ax.axhline(top, color="grey", linewidth=0.5, linestyle=":")
         ax.text(0.01, top, " never grokked (x)", transform=ax.get_yaxis_transform(), fontsize=7, va="bottom")
         if numeric and is_log_spaced(xs):
