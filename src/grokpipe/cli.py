@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 from .errors import GrokpipeError
@@ -149,9 +150,7 @@ def cmd_sweep_report(args) -> int:
     config = validate_config(raw, source=source)
     out = args.out_dir or Path(config["results_dir"]) / "_sweeps" / config["model_name"]
     rows = write_sweep_report(config, out, x=args.x, y=args.y)
-    counts = {}
-    for row in rows:
-        counts[row["outcome"]] = counts.get(row["outcome"], 0) + 1
+    counts = Counter(row["outcome"] for row in rows)
     print(f"{out}: {len(rows)} runs ({', '.join(f'{n} {name}' for name, n in sorted(counts.items()))})")
     return 0
 

@@ -12,6 +12,19 @@ localrules:
 # measures (Snakemake removes the job's outputs), while verification.json in the run keeps what
 # was found. Runs of cells without progress measures (another operation, a deeper model) take
 # analyze_without_progress below: the same job, fewer outputs.
+# A dict literal: Snakemake's parser would read a line starting with report= as its keyword.
+ANALYSIS_OUTPUTS = {
+    "report": f"{RUN}/verify.json",
+    "curves_png": report(
+        f"{RUN}/artifacts/loss_curves.png",
+        caption="../report/loss_curves.rst",
+        category="Loss curves",
+        labels={"model": "{model_name}", "prime": "{prime}", "seed": "{seed}"},
+    ),
+    "curves_svg": f"{RUN}/artifacts/loss_curves.svg",
+}
+
+
 rule analyze:
     input:
         model=f"{RUN}/{{model_name}}_p{{prime}}_seed{{seed}}.safetensors",
@@ -19,14 +32,7 @@ rule analyze:
         metadata=f"{RUN}/metadata.json",
     output:
         **PROGRESS_OUTPUTS,
-        report=f"{RUN}/verify.json",
-        curves_png=report(
-            f"{RUN}/artifacts/loss_curves.png",
-            caption="../report/loss_curves.rst",
-            category="Loss curves",
-            labels={"model": "{model_name}", "prime": "{prime}", "seed": "{seed}"},
-        ),
-        curves_svg=f"{RUN}/artifacts/loss_curves.svg",
+        **ANALYSIS_OUTPUTS,
     log:
         "logs/{model_name}/analyze/{model_name}_p{prime}_seed{seed}.log",
     wildcard_constraints:
@@ -44,14 +50,7 @@ rule analyze:
 
 use rule analyze as analyze_without_progress with:
     output:
-        report=f"{RUN}/verify.json",
-        curves_png=report(
-            f"{RUN}/artifacts/loss_curves.png",
-            caption="../report/loss_curves.rst",
-            category="Loss curves",
-            labels={"model": "{model_name}", "prime": "{prime}", "seed": "{seed}"},
-        ),
-        curves_svg=f"{RUN}/artifacts/loss_curves.svg",
+        **ANALYSIS_OUTPUTS,
     wildcard_constraints:
         model_name=analyzed_without_progress(),
     params:

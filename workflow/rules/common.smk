@@ -139,11 +139,12 @@ PROGRESS_CELLS = {
     )
     is None
 }
-LEGACY_NAMES = {run[0] for run in legacy_runs()}
+LEGACY_RUNS = set(legacy_runs())
+LEGACY_NAMES = {run[0] for run in LEGACY_RUNS}
 
 
 def has_progress(run):
-    return run[0] in PROGRESS_CELLS or run in set(legacy_runs())
+    return run[0] in PROGRESS_CELLS or run in LEGACY_RUNS
 
 
 def analyzed_with_progress():

@@ -7,6 +7,7 @@ that tensor data is not read either.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -214,12 +215,20 @@ def inspect_path(path: str | Path) -> dict:
 
 def config_value(config: dict, key: str):
     """The value of ``key`` (``prime``, ``seed``, ``model_name`` or a dotted ``training.*``,
-    ``model.*``, ``task.*`` key) in a run's config.json (absent keys: their default, if known)."""
+    ``model.*``, ``task.*`` key) in a run's config.json (absent keys, as in runs written before
+    the key existed: the schema's default)."""
     section, _, name = key.partition(".")
     if not name:
         return config.get(key)
-    defaults = {"task.operation": "add", "training.label_noise": 0, "training.early_stopping": None}
-    return (config.get(section) or {}).get(name, defaults.get(key))
+    values = config.get(section) or {}
+    return values[name] if name in values else _schema_default(section, name)
+
+
+@functools.cache
+def _schema_default(section: str, name: str):
+    from ..config import load_schema
+
+    return load_schema()["properties"].get(section, {}).get("properties", {}).get(name, {}).get("default")
 
 
 def matches(value, wanted: str) -> bool:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import GrokpipeError
 from ..io.atomic import write_bytes_atomic
-from ..layout import RunLayout
+from ..layout import RunLayout, run_dir
 from ..sweep import Cell, axes, expand, format_value
 from .plots import _save, plt
 
@@ -72,7 +72,7 @@ class SweepRuns:
         for cell in self.cells:
             for p in self.primes:
                 for s in self.seeds:
-                    yield cell, p, s, self.results_dir / cell.name / f"{cell.name}_p{p}_seed{s}"
+                    yield cell, p, s, run_dir(self.results_dir, cell.name, p, s)
 
 
 def outcome(metadata: dict) -> str:
@@ -86,14 +86,14 @@ def outcome(metadata: dict) -> str:
     return "neither"
 
 
-def run_row(cell: Cell, run_axes: list[str], run_dir: Path, prime: int, seed: int) -> dict:
+def run_row(cell: Cell, run_axes: list[str], path: Path, prime: int, seed: int) -> dict:
     """One table row: the cell's axis values and the run's results (``outcome`` "missing" when the
     run has no metadata.json yet)."""
     from ..loading import read_json
 
     row = {"cell": cell.name, **{key: cell.settings[key] for key in run_axes}, "prime": prime, "seed": seed}
-    row["run_dir"] = str(run_dir)
-    metadata_path = RunLayout(run_dir).metadata
+    row["run_dir"] = str(path)
+    metadata_path = RunLayout(path).metadata
     if not metadata_path.exists():
         return {**{c: None for c in RUN_COLUMNS}, **row, "outcome": "missing"}
     metadata = read_json(metadata_path)
@@ -106,7 +106,7 @@ def run_row(cell: Cell, run_axes: list[str], run_dir: Path, prime: int, seed: in
 
 def sweep_rows(runs: SweepRuns) -> list[dict]:
     """One row per run, in the sweep's order (cells, then primes, then seeds)."""
-    return [run_row(cell, runs.axes, run_dir, p, s) for cell, p, s, run_dir in runs.run_dirs()]
+    return [run_row(cell, runs.axes, path, p, s) for cell, p, s, path in runs.run_dirs()]
 
 
 def write_table(rows: list[dict], run_axes: list[str], path: Path) -> None:

@@ -141,8 +141,8 @@ def load(layout: RunLayout, config_hash: str, num_epochs: int) -> tuple[Loaded |
         )
     if epoch >= num_epochs:
         return None, f"{state_path} is at epoch {epoch}, beyond num_epochs={num_epochs}: starting a new run"
-    lengths = {len(series) for series in (progress.train_losses, progress.test_losses, progress.train_accuracies)}
-    if lengths != {epoch + 1} or len(progress.test_accuracies) != epoch + 1:
+    series = (progress.train_losses, progress.test_losses, progress.train_accuracies, progress.test_accuracies)
+    if any(len(values) != epoch + 1 for values in series):
         return None, f"{state_path} holds {len(progress.train_losses)} losses for epoch {epoch}"
     if not tensors_path.exists() or sha256_file(tensors_path) != expected_sha:
         return None, f"{tensors_path} is missing or does not match {state_path}"

@@ -46,8 +46,8 @@ class Operation:
     all_pairs: bool = True  # False: pairs with b = 0 are left out (division)
 
 
-# Products of residues are reduced after each multiplication, so nothing overflows int64 for
-# any p whose p² pairs fit in memory.
+# Cubes are reduced mod p before their last factor, so no intermediate exceeds 3p²: nothing
+# overflows int64 for any p whose p² pairs fit in memory.
 OPERATIONS: dict[str, Operation] = {
     op.name: op
     for op in (
