@@ -84,7 +84,9 @@ def test_export_files_hashes_and_reload(runs, tmp_path):
     assert tokenizer.encode("3 5 =").ids == [3, 5, 7]
     config = json.loads((target / "config.json").read_text())
     assert config["prime"] == 7 and config["input_format"] == ["a", "b", "="]
-    assert f"epoch | {epoch}" in (target / "README.md").read_text()
+    card = (target / "README.md").read_text()
+    assert f"epoch | {epoch}" in card and "`a + b mod 7`" in card
+    assert "```python\nimport grokpipe\n" in card and "::" not in card  # Markdown, not reStructuredText
     inspected = grokpipe_cli("inspect", str(target))
     assert inspected.returncode == 0 and "grokpipe export" in inspected.stdout and "state: ok" in inspected.stdout
     listed = grokpipe_cli("list", str(tmp_path / "models"))

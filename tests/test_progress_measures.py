@@ -130,7 +130,9 @@ def test_artifacts_and_cli(grokking_run, tmp_path):
         assert sum(1 for _ in reader) == len(grokpipe.list_epochs(grokking_run["run"]))
     record = json.loads((out / "key_frequencies.json").read_text())
     assert record["from_epoch"] == 499 and record["key_frequencies"] == grokking_run["record"]["key_frequencies"]
-    assert (out / "progress_measures.png").stat().st_size > 10_000 and (out / "progress_measures.svg").exists()
+    assert (out / "progress_measures.png").stat().st_size > 10_000
+    svg = (out / "progress_measures.svg").read_text()
+    assert "test accuracy" in svg and "restricted loss below threshold" in svg
     proc = grokpipe_cli("progress", str(grokking_run["run"]), "--key-frequencies", "1,2")
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "key_frequencies.json").read_text())["key_frequencies"] == [1, 2]

@@ -167,6 +167,29 @@ def test_accuracies_and_noise_are_recorded_and_match_the_checkpoints(tmp_path):
         )
     report = verify_run(tmp_path / spec.run_name)
     assert report.ok, report.problems
+    data = grokpipe.run_dataset(tmp_path / spec.run_name)  # the public view of the same data
+    assert torch.equal(data.train_tokens, split.train_tokens) and torch.equal(data.train_labels, split.train_labels)
+    assert torch.equal(data.test_tokens, split.test_tokens) and torch.equal(data.test_labels, split.test_labels)
+    assert torch.equal(data.noisy_indices, split.noisy_indices) and data.operation == "mul"
+    assert not torch.equal(data.labels[data.train_indices], data.train_labels)  # the noise is there
+
+
+def test_run_dataset_of_division_marks_the_undefined_pairs(tmp_path):
+    config = validate_config({**tiny_config(primes=[5], seeds=[0]), "task": {"operation": "div"}})
+    config["training"].update(num_epochs=10, checkpoint_every=10)
+    spec = grid(config)[0]
+    train(spec, tmp_path / spec.run_name, progress_bar=False)
+    data = grokpipe.run_dataset(tmp_path / spec.run_name)
+    assert data.tokens.shape == (25, 3) and torch.equal(data.tokens[7], torch.tensor([1, 2, 5]))
+    assert (data.labels[data.tokens[:, 1] == 0] == -1).all() and (data.labels[data.tokens[:, 1] != 0] >= 0).all()
+    assert data.labels[1 * 5 + 2] == 3  # 1 / 2 = 3 mod 5
+    assert len(data.train_indices) + len(data.test_indices) == 20
+    meta_path = tmp_path / spec.run_name / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["test_indices"][0] = 5  # (1, 0): division by zero is not a pair of the task
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(grokpipe.GrokpipeError, match="metadata.json: test_indices holds pair ids outside"):
+        grokpipe.run_dataset(tmp_path / spec.run_name)
 
 
 def early_spec(num_epochs=200):

@@ -43,6 +43,7 @@ def test_workflow_verified_every_run_and_made_artifacts(trained_grid):
     assert lines[0].startswith("model_name,prime,seed,source") and len(lines) == 5
     assert (summary / "summary.md").read_text().count("| tiny |") == 4
     assert (summary / "test_curves.png").exists()
+    assert "grokking threshold 0.01" in (summary / "test_curves.svg").read_text()  # the line and its legend
 
 
 def test_report_builds(trained_grid):

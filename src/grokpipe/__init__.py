@@ -21,6 +21,8 @@ _LOADING = (
     "load_metadata",
     "load_model",
     "load_state_dict",
+    "run_dataset",
+    "RunDataset",
 )
 
 __all__ = ["__version__", "ConfigError", "GrokpipeError", *_LOADING]

@@ -210,14 +210,18 @@ def _model_config(hooked: dict, prime: int) -> dict:
 
 
 def _model_card(name: ExportName, meta: dict) -> str:
+    """The export's README.md: Markdown, with the code to load it in a fenced block."""
+    from .training.tasks import operation
+
+    task = operation(name.operation)
     losses = meta["losses"]
     grok = meta["grokking_epoch"]
     versions = " / ".join(str(meta["versions"][k]) for k in ("grokpipe", "torch", "transformer_lens"))
     test = "not evaluated at this epoch" if losses["test"] is None else f"{losses['test']:.6g}"
     return f"""# {name}
 
-A one-run, one-epoch export of a grokpipe run: a TransformerLens transformer trained on modular
-addition (a + b mod {name.prime}), the TransformerLens grokking demo's task.
+A one-run, one-epoch export of a grokpipe run: a TransformerLens transformer trained on
+`{task.formula} mod {name.prime}` (operation `{task.name}`; `add` is the TransformerLens grokking demo's task).
 
 | | |
 |---|---|
@@ -232,10 +236,12 @@ addition (a + b mod {name.prime}), the TransformerLens grokking demo's task.
 ![loss curve](loss_curve.png)
 
 Input: the token ids `[a, b, p]` (`tokenizer.json`: `"a b ="`); output: logits over the {name.prime}
-classes at the last position. Load with::
+classes at the last position. Load with:
 
-    import grokpipe
-    model = grokpipe.load_model("{name}")  # HookedTransformer (TL 3) / TransformerBridge (TL 4)
+```python
+import grokpipe
+model = grokpipe.load_model("{name}")  # HookedTransformer (TL 3) / TransformerBridge (TL 4)
+```
 
 `export_meta.json` holds the sha256 of the source checkpoint and of every file here.
 """

@@ -7,6 +7,7 @@ CPU unless asked otherwise, whatever device trained it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -129,6 +130,87 @@ def load_config(run_dir: str | Path) -> dict:
     return read_json(_layout(run_dir).config)
 
 
+@dataclass(frozen=True)
+class RunDataset:
+    """The data one run was trained and tested on (see :func:`run_dataset`)."""
+
+    p: int
+    operation: str
+    tokens: torch.Tensor  # (p², 3) every input [a, b, =] in pair-id order: row a * p + b
+    labels: torch.Tensor  # (p²,) the operation's true label per row; -1 where it is undefined (div, b = 0)
+    train_indices: torch.Tensor  # pair ids (rows of tokens) trained on, in the run's order
+    test_indices: torch.Tensor  # pair ids held out
+    train_labels: torch.Tensor  # the labels training saw, label noise included (aligned with train_indices)
+    noisy_indices: torch.Tensor  # pair ids whose training label is noise (empty without label noise)
+
+    @property
+    def train_tokens(self) -> torch.Tensor:
+        return self.tokens[self.train_indices]
+
+    @property
+    def test_tokens(self) -> torch.Tensor:
+        return self.tokens[self.test_indices]
+
+    @property
+    def test_labels(self) -> torch.Tensor:
+        return self.labels[self.test_indices]
+
+
+def run_dataset(run_dir: str | Path) -> RunDataset:
+    """A run's dataset as it trained: every input, its labels and the train/test split.
+
+    Read from the run's ``metadata.json`` (the recorded indices and label noise, so converted legacy
+    runs work too); no model is built and no global RNG is touched.
+
+    Args:
+        run_dir: a run directory.
+
+    Returns:
+        A :class:`RunDataset`. ``tokens`` holds all p² inputs with row ``a * p + b``, so
+        ``tokens[train_indices]`` are the training inputs, as in the TransformerLens demo.
+
+    Example:
+        >>> data = grokpipe.run_dataset("results/grokking/grokking_p31_seed0")
+        >>> logits, cache = model.run_with_cache(data.tokens)
+        >>> (logits[:, -1].argmax(-1) == data.labels)[data.test_indices].float().mean()
+    """
+    from .training.tasks import OPERATION_NAMES, labels_of, pair_ids, tokens_of
+
+    layout = _layout(run_dir)
+    metadata = load_metadata(layout.root)
+    try:
+        p, operation = int(metadata["prime"]), str(metadata.get("operation", "add"))
+        if operation not in OPERATION_NAMES:
+            raise ValueError(f"unknown operation {operation!r}")
+        ids = {key: torch.tensor(metadata.get(key, []), dtype=torch.long).reshape(-1) for key in _INDEX_KEYS}
+        noisy_labels = torch.tensor(metadata.get("noisy_labels", []), dtype=torch.long).reshape(-1)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GrokpipeError(f"{layout.metadata}: no readable dataset ({exc})") from None
+    defined = pair_ids(p, operation)
+    labels = torch.full((p * p,), -1, dtype=torch.long)
+    labels[defined] = labels_of(defined, p, operation)
+    for key, values in ids.items():
+        if values.numel() and (values.min() < 0 or values.max() >= p * p or bool((labels[values] < 0).any())):
+            raise GrokpipeError(f"{layout.metadata}: {key} holds pair ids outside the task's pairs")
+    if len(noisy_labels) != len(ids["noisy_indices"]):
+        raise GrokpipeError(f"{layout.metadata}: noisy_labels and noisy_indices differ in length")
+    train_labels = labels.clone()
+    train_labels[ids["noisy_indices"]] = noisy_labels
+    return RunDataset(
+        p=p,
+        operation=operation,
+        tokens=tokens_of(torch.arange(p * p), p),
+        labels=labels,
+        train_indices=ids["train_indices"],
+        test_indices=ids["test_indices"],
+        train_labels=train_labels[ids["train_indices"]],
+        noisy_indices=ids["noisy_indices"],
+    )
+
+
+_INDEX_KEYS = ("train_indices", "test_indices", "noisy_indices")
+
+
 def read_json(path: Path) -> dict:
     """A JSON file of a run; missing or unreadable is a GrokpipeError naming it."""
     try:
@@ -147,4 +229,6 @@ __all__ = [
     "load_metadata",
     "load_model",
     "load_state_dict",
+    "run_dataset",
+    "RunDataset",
 ]

@@ -52,24 +52,34 @@ def plot_run(metadata: dict, *paths: Path, mark_epoch: int | None = None) -> Non
     _save(fig, *paths)
 
 
+def _legend_below(ax, ncol: int = 2, fontsize: int = 7) -> None:
+    """The legend under the axes, where it never covers a curve."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol, fontsize=fontsize, frameon=False)
+
+
 def plot_grid(metadatas: list[dict], *paths: Path) -> None:
-    """Every run's test loss on one figure."""
+    """Every run's test loss on one figure, the grokking threshold drawn as a line."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for meta in metadatas:
         ax.plot(*_series(meta["test_losses"]), linewidth=1, label=f"p={meta['prime']} seed={meta['seed']}")
+    thresholds = {meta.get("grokking_threshold") for meta in metadatas} - {None}
+    for threshold in sorted(thresholds):
+        ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"grokking threshold {threshold}")
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("test loss")
     ax.set_title(f"test loss of {len(metadatas)} runs")
-    ax.legend(loc="best", fontsize=7, ncol=2)
+    _legend_below(ax, ncol=4)
     _save(fig, *paths)
 
 
 def plot_progress(metadata: dict, rows: list[dict], record: dict, *paths: Path) -> None:
     """The paper's figure 6 shape: train, test, restricted and excluded loss (log scale) over the
-    checkpoints with the grokking epoch marked; sum of squared weights and Gini coefficients beside."""
+    checkpoints with the grokking epoch marked; train and test accuracy, the sum of squared weights
+    and the Gini coefficients beside. Legends sit under their panels."""
     epochs = [row["epoch"] for row in rows]
-    fig, (ax_loss, ax_weights, ax_gini) = plt.subplots(1, 3, figsize=(15, 4))
+    fig, (ax_loss, ax_accuracy, ax_weights, ax_gini) = plt.subplots(1, 4, figsize=(19, 4.6))
+    fig.subplots_adjust(wspace=0.3)
     for key, label in (
         ("train_loss", "train"),
         ("test_loss", "test"),
@@ -77,23 +87,30 @@ def plot_progress(metadata: dict, rows: list[dict], record: dict, *paths: Path) 
         ("excluded_loss", "excluded (train pairs)"),
     ):
         ax_loss.plot(epochs, [max(row[key], 1e-300) for row in rows], label=label, linewidth=1)
-    for epoch, style, label in (
+    marks = (
         (metadata.get("grokking_epoch"), "--", "grokking epoch"),
         (record.get("restricted_grokking_epoch"), ":", "restricted loss below threshold"),
-    ):
-        if epoch is not None:
-            ax_loss.axvline(epoch, color="grey", linestyle=style, linewidth=1, label=f"{label} {epoch}")
+    )
+    for ax in (ax_loss, ax_accuracy):
+        for epoch, style, label in marks:
+            if epoch is not None:
+                ax.axvline(epoch, color="grey", linestyle=style, linewidth=1, label=f"{label} {epoch}")
     ax_loss.set_yscale("log")
-    ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
-    ax_loss.legend(loc="best", fontsize=7)
+    _legend_below(ax_loss)
+    for key, label in (("train_accuracy", "train accuracy"), ("test_accuracy", "test accuracy")):
+        if all(key in row for row in rows):  # older progress tables have no accuracies
+            ax_accuracy.plot(epochs, [row[key] for row in rows], label=label, linewidth=1)
+    ax_accuracy.set_ylim(-0.02, 1.02)
+    ax_accuracy.set_ylabel("accuracy")
+    _legend_below(ax_accuracy)
     ax_weights.plot(epochs, [row["sum_squared_weights"] for row in rows], linewidth=1)
-    ax_weights.set_xlabel("epoch")
     ax_weights.set_ylabel("sum of squared weights")
     for key, label in (("gini_W_E", "Gini of W_E Fourier norms"), ("gini_W_L", "Gini of W_L Fourier norms")):
         ax_gini.plot(epochs, [row[key] for row in rows], label=label, linewidth=1)
-    ax_gini.set_xlabel("epoch")
-    ax_gini.legend(loc="best", fontsize=7)
+    _legend_below(ax_gini, ncol=1)
+    for ax in (ax_loss, ax_accuracy, ax_weights, ax_gini):
+        ax.set_xlabel("epoch")
     fig.suptitle(
         f"{metadata['model_name']}  p = {metadata['prime']}  seed = {metadata['seed']}  "
         f"key frequencies {record.get('key_frequencies')}"
