@@ -327,7 +327,51 @@ class _OneLineParser(argparse.ArgumentParser):
     """Usage mistakes are one ``grokpipe: error: ...`` line naming the flag, exit status 2."""
 
     def error(self, message: str):
-        self.exit(2, f"grokpipe: error: {self.prog.removeprefix('grokpipe ')}: {message}\n")
+        command = self.prog.removeprefix("grokpipe").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"grokpipe: error: {where}{message} (see {self.prog} --help)\n")
+
+
+# Shown by `grokpipe COMMAND --help`; each also in docs/cli.md, which a test keeps in step.
+EXAMPLES = {
+    "train": [
+        "grokpipe train --config config/config.yaml --prime 31 --seed 0",
+        "grokpipe train --config config/sweep.yaml --cell grokking-sub-wd0.3 --prime 31 --seed 0 --threads 2",
+    ],
+    "convert": ["grokpipe convert old_runs/grokking.pth results/grokking/grokking_p113_seed999"],
+    "consolidate": [
+        "grokpipe consolidate ckpts/qwen-tiny/checkpoint-196 models/qwen-tiny-196 --dtype bfloat16",
+        "grokpipe consolidate ckpts/qwen-tiny models/all --all-checkpoints --filter 'checkpoint-1*'",
+        "grokpipe consolidate ckpts/qwen-tiny/checkpoint-196 models/x --dry-run",
+    ],
+    "verify": ["grokpipe verify results/grokking/grokking_p31_seed0 --report verify.json"],
+    "inspect": [
+        "grokpipe inspect results/grokking/grokking_p31_seed0",
+        "grokpipe inspect results/grokking/grokking_p31_seed0/checkpoints/checkpoint_epoch_00999.safetensors --json",
+    ],
+    "export": [
+        "grokpipe export results/grokking/grokking_p31_seed0 --grokked",
+        "grokpipe export results/grokking/grokking_p31_seed0 --epoch 999 --out models --version v2",
+    ],
+    "list": [
+        "grokpipe list results",
+        "grokpipe list results --where task.operation=sub --where training.weight_decay=0.3 --json",
+        "grokpipe list models",
+    ],
+    "plot": ["grokpipe plot results/grokking/grokking_p31_seed0"],
+    "progress": ["grokpipe progress results/grokking/grokking_p31_seed0 --key-frequencies 3,7,11"],
+    "analyze": ["grokpipe analyze results/grokking/grokking_p31_seed0 --report verify.json --progress"],
+    "sweep-report": ["grokpipe sweep-report --config config/sweep.yaml --x training.weight_decay --y task.operation"],
+    "summarize": ["grokpipe summarize --out-dir results/grokking results/grokking/grokking_p31_seed*"],
+}
+
+
+def _add_examples(subparsers) -> None:
+    """Every command's --help ends with its examples and the reference page."""
+    for command, parser in subparsers.choices.items():
+        lines = "\n".join(f"  {example}" for example in EXAMPLES[command])
+        parser.epilog = f"examples:\n{lines}\n\nreference: docs/cli.md#{command}"
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def cmd_progress(args) -> int:
@@ -364,7 +408,11 @@ def frequency_list(text: str) -> list[int] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="grokpipe", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(
+        prog="grokpipe",
+        description=__doc__.splitlines()[0],
+        epilog="Each command's --help shows examples; reference: docs/cli.md",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
 
@@ -373,12 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="workflow config YAML (as config/config.yaml); needs --prime and --seed")
     src.add_argument("--spec", help="one run as JSON: model_name, prime, seed, training, model (what the rule passes)")
-    p.add_argument("--prime", type=positive_int)
-    p.add_argument("--seed", type=non_negative_int)
+    p.add_argument("--prime", type=positive_int, help="with --config: the run's prime")
+    p.add_argument("--seed", type=non_negative_int, help="with --config: the run's seed")
     p.add_argument("--cell", help="with --config of a sweep: the cell to train (its name, as in results/)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the config's device")
     p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: threads_per_run)")
-    p.add_argument("--grokking-threshold", type=positive_float)
+    p.add_argument("--grokking-threshold", type=positive_float, help="default: the config's grokking_threshold")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -388,7 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="default: from the run directory name")
     p.add_argument("--prime", type=positive_int, help="default: from the run directory name")
     p.add_argument("--seed", type=non_negative_int, help="default: from the run directory name")
-    p.add_argument("--grokking-threshold", type=positive_float, default=0.01)
+    p.add_argument(
+        "--grokking-threshold", type=positive_float, default=0.01, help="test loss below this is grokked (0.01)"
+    )
     p.add_argument("--force", action="store_true", help="replace a run that already exists at run_dir")
     p.set_defaults(func=cmd_convert)
 
@@ -413,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("verify", help="check that a run directory loads and is consistent")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory, results/{model_name}/{model_name}_p{prime}_seed{seed}")
     p.add_argument("--report", help="also write the findings as JSON to this file")
     p.add_argument(
         "--recompute",
@@ -426,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "inspect", help="describe a run directory, a checkpoint, or a legacy pickle (no tensor data read)"
     )
-    p.add_argument("path")
+    p.add_argument("path", help="a run directory, a .safetensors file, an export or consolidated directory, a .pth")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
 
@@ -437,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         "README.md model card for one epoch of RUN_DIR into OUT/{architecture}-{size}-{dataset}-{training_type}-"
         "{version}/, e.g. models/tl1l-227K-modadd113-grok-s999-e24999 (see grokpipe.export for the rule).",
     )
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory, results/{model_name}/{model_name}_p{prime}_seed{seed}")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--epoch", type=non_negative_int, help="a checkpoint epoch")
     which.add_argument("--grokked", action="store_true", help="the first checkpoint at or after the grokking epoch")
@@ -467,13 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("plot", help="loss curves of a run into its artifacts/ (PNG and SVG)")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory, results/{model_name}/{model_name}_p{prime}_seed{seed}")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser(
         "progress", help="progress measures of every checkpoint (restricted/excluded loss, Gini, ...) into artifacts/"
     )
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory, results/{model_name}/{model_name}_p{prime}_seed{seed}")
     p.add_argument(
         "--key-frequencies",
         type=frequency_list,
@@ -486,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
         "analyze",
         help="plot, verify and (with --progress) the progress measures of a run: the workflow's analysis job",
     )
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory, results/{model_name}/{model_name}_p{prime}_seed{seed}")
     p.add_argument("--report", help="also write the verification's findings as JSON to this file")
     p.add_argument("--recompute", default="auto", type=recompute_choice, help="as for verify")
     p.add_argument("--progress", action="store_true", help="also the progress measures, if the run verifies")
@@ -498,8 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a sweep's table (one row per run) and phase diagrams into results/_sweeps/{model_name}/",
         description="Write sweep.csv (every axis value, grokking and memorization epochs, final losses and "
         "accuracies, diverged/stopped epochs, wall time, outcome class) and grokking_epoch.png, outcome.png, "
-        "grokking_vs_axis.png for the runs of a sweep config. Example: grokpipe sweep-report --config "
-        "config/sweep.yaml --x training.weight_decay --y task.operation",
+        "grokking_vs_axis.png for the runs of a sweep config.",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="the sweep's config YAML")
@@ -510,9 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep_report)
 
     p = sub.add_parser("summarize", help="summary table (CSV, Markdown) and test-curve figure of several runs")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out-dir", required=True, help="where summary.{csv,md} and test_curves.{png,svg} go")
+    p.add_argument("run_dirs", nargs="+", help="run directories")
     p.set_defaults(func=cmd_summarize)
+    _add_examples(sub)
     return parser
 
 

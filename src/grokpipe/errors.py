@@ -12,4 +12,4 @@ class ConfigError(GrokpipeError):
         self.key = key
         self.problem = problem
         where = f"{source}: " if source else ""
-        super().__init__(f"{where}config key '{key}': {problem}")
+        super().__init__(f"{where}config key '{key}': {problem} (keys: docs/configuration.md)")
