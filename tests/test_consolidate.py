@@ -283,7 +283,7 @@ BAD_OTHER = {
     "dcp hostile metadata": "names global posix.system, which is not on grokpipe's allowlist",
     "deepspeed missing rank": "written by 2 ranks but holds 1 optimizer states files",
     "deepspeed ranks of two checkpoints (zero3)": "disagree",
-    "deepspeed latest leaves": "is not a directory name inside",
+    "deepspeed latest leaves": "does not hold a checkpoint directory name",
 }
 
 
@@ -376,3 +376,257 @@ def test_snakemake_consolidates_imports(hf_sharded, tmp_path):
     assert (tmp_path / "logs" / "consolidate" / "gpt2-tiny.log").is_file()
     lint = subprocess.run(snakemake_command(tmp_path, "--lint", configfile=configfile), capture_output=True, text=True)
     assert "Lints for rule consolidate" not in lint.stdout + lint.stderr
+
+
+# --- Hostile inputs, second round: links, special files, claimed sizes, bounded work ---------------
+
+
+def one_line_refusal(args: list[str], expected: str, capsys) -> str:
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("grokpipe: error: ") and len(err.splitlines()) == 1, err
+    assert expected in err, err
+    return err
+
+
+def test_config_json_linked_outside_the_input_is_refused_and_never_echoed(hf_sharded, tmp_path, capsys):
+    source = tmp_path / "checkpoint"
+    shutil.copytree(hf_sharded, source)
+    secret = tmp_path / "environ"
+    secret.write_text("HF_TOKEN=hf_secret_value\n")  # what /proc/self/environ would hand over
+    (source / "config.json").unlink(missing_ok=True)
+    (source / "config.json").symlink_to(secret)
+    for extra in ([], ["--dry-run"]):
+        err = one_line_refusal(
+            ["consolidate", str(source), str(tmp_path / "out"), *extra], "a link that leaves", capsys
+        )
+        assert "hf_secret_value" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_copied_config_json_is_recorded_with_its_sha256(hf_sharded, tmp_path):
+    source = tmp_path / "checkpoint"
+    shutil.copytree(hf_sharded, source)
+    (source / "real_config.json").write_text('{"model_type": "gpt2"}')
+    (source / "config.json").unlink(missing_ok=True)
+    (source / "config.json").symlink_to("real_config.json")  # a link inside the input is fine
+    record = consolidate(source, tmp_path / "out")
+    digest = hashlib.sha256(b'{"model_type": "gpt2"}').hexdigest()
+    assert record["config"] == {"file": "config.json", "source": "config.json", "bytes": 22, "sha256": digest}
+    assert hashlib.sha256((tmp_path / "out" / "config.json").read_bytes()).hexdigest() == digest
+
+
+def test_deepspeed_latest_never_puts_file_content_in_a_message(tmp_path, capsys):
+    source = tmp_path / "ds"
+    shutil.copytree(FIXTURES / "deepspeed" / "zero2", source)
+    secret = tmp_path / "environ"
+    secret.write_text("AWS_SECRET=very_secret\n")
+    (source / "latest").unlink()
+    (source / "latest").symlink_to(secret)
+    err = one_line_refusal(["consolidate", str(source), str(tmp_path / "out")], "a link that leaves", capsys)
+    assert "very_secret" not in err
+    (source / "latest").unlink()
+    (source / "latest").write_text("AWS_SECRET=very_secret\n")
+    err = one_line_refusal(["consolidate", str(source), str(tmp_path / "out")], "does not hold a checkpoint", capsys)
+    assert "very_secret" not in err
+
+
+def test_checkpoint_directory_linked_outside_the_run_is_refused(hf_sharded, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(hf_sharded, run / "checkpoint-1")
+    shutil.copytree(hf_sharded, tmp_path / "elsewhere")
+    (run / "checkpoint-2").symlink_to(tmp_path / "elsewhere")
+    one_line_refusal(
+        ["consolidate", str(run), str(tmp_path / "out"), "--all-checkpoints"], "a link that leaves", capsys
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin"])
+def test_a_fifo_is_refused_not_waited_on(tmp_path, name):
+    source = tmp_path / "checkpoint"
+    source.mkdir()
+    os.mkfifo(source / name)
+    for args in (
+        ["consolidate", str(source), str(tmp_path / "out")],
+        ["consolidate", str(source), str(tmp_path / "out"), "--dry-run"],
+        ["inspect", str(source / name)],
+    ):
+        proc = grokpipe_cli(*args, timeout=120)  # a reader that opened the FIFO would hang here
+        assert proc.returncode == 1 and "FIFO" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def claim_more_than_stored(path: Path) -> None:
+    """Rewrite a torch.save file of {"w": 4 floats, ...} so that the pickle claims 64 floats for the
+    storage whose record holds 4 (and a matching view): what mmap loading would not notice."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        members = [(info, archive.read(info.filename)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for info, data in members:
+            if info.filename.endswith("data.pkl"):
+                numel = data.index(b"K\x04", data.index(b"cpu"))  # the storage's element count
+                size = data.index(b"K\x04", numel + 2)  # the tensor's size
+                data = data[:numel] + b"K\x40" + data[numel + 2 : size] + b"K\x40" + data[size + 2 :]
+            archive.writestr(info, data)
+
+
+def test_bin_storage_claiming_more_than_its_record_is_refused(tmp_path, capsys):
+    source = tmp_path / "checkpoint"
+    source.mkdir()
+    torch.save({"w": torch.arange(4, dtype=torch.float32), "v": torch.ones(1000)}, source / "pytorch_model.bin")
+    claim_more_than_stored(source / "pytorch_model.bin")
+    one_line_refusal(
+        ["consolidate", str(source), str(tmp_path / "out")], "claims 256 bytes but its record holds 16", capsys
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_storage_under_many_names_is_bounded_by_the_input(tmp_path, capsys):
+    source = tmp_path / "checkpoint"
+    source.mkdir()
+    shared = torch.zeros(64 * 1024)  # 256 KiB, saved once, named 5,000 times: a 1.3 GB output
+    torch.save({f"layer{i}.weight": shared for i in range(5000)}, source / "pytorch_model.bin")
+    for extra in ([], ["--dry-run"]):
+        one_line_refusal(
+            ["consolidate", str(source), str(tmp_path / "out"), *extra], "more than 4 times as much", capsys
+        )
+    assert main(["consolidate", str(source), str(tmp_path / "out"), "--dry-run", "--max-output-ratio", "10000"]) == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_chunk_tiling_check_is_not_quadratic():
+    from grokpipe.errors import GrokpipeError
+    from grokpipe.io.dcp import PAIRWISE_CHUNK_LIMIT, _check_tiling
+
+    where = Path(".metadata")
+    _check_tiling("w", (200_000,), [((i,), (1,)) for i in range(200_000)], where)  # quadratic: hours
+    grid = [((i, j), (1, 3)) for i in range(300) for j in range(0, 300, 3)]
+    _check_tiling("w", (300, 300), grid[::-1], where)
+    _check_tiling("w", (10, 10), [((0, 0), (10, 4)), ((0, 4), (5, 6)), ((5, 4), (5, 6))], where)  # no grid
+    with pytest.raises(GrokpipeError, match="overlap"):
+        _check_tiling("w", (4, 4), [((0, 0), (2, 4)), ((1, 0), (2, 4)), ((0, 0), (0, 4))], where)  # volumes add up
+    bricks = [((i, 0), (1, 1 + i % 2)) for i in range(PAIRWISE_CHUNK_LIMIT + 1)]
+    bricks += [((i, 1 + i % 2), (1, 2 - i % 2)) for i in range(PAIRWISE_CHUNK_LIMIT + 1)]
+    with pytest.raises(GrokpipeError, match="form no grid"):
+        _check_tiling("w", (PAIRWISE_CHUNK_LIMIT + 1, 3), bricks, where)
+
+
+def rewrite_dcp_metadata(source: Path, change) -> None:
+    """Load the fixture's .metadata (written by torch's DCP: trusted here) with torch's own classes,
+    let ``change`` edit it, and pickle it back as DCP does."""
+    import pickle
+
+    with open(source / ".metadata", "rb") as fh:
+        metadata = pickle.load(fh)
+    change(metadata)
+    with open(source / ".metadata", "wb") as fh:
+        pickle.dump(metadata, fh)
+
+
+def test_dcp_chunks_sharing_one_stored_item_are_refused(dcp_dir, tmp_path, capsys):
+    source = tmp_path / "dcp"
+    shutil.copytree(dcp_dir, source)
+
+    def alias(metadata):
+        keys = [key for key in metadata.storage_data if key.fqn == "model.embed.weight"]
+        for key in keys[1:]:
+            metadata.storage_data[key] = metadata.storage_data[keys[0]]
+
+    rewrite_dcp_metadata(source, alias)
+    one_line_refusal(["consolidate", str(source), str(tmp_path / "out"), "--dry-run"], "share bytes", capsys)
+
+
+def test_dcp_huge_size_is_refused_by_name_before_any_allocation(dcp_dir, tmp_path, capsys):
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    source = tmp_path / "dcp"
+    shutil.copytree(dcp_dir, source)
+
+    def huge(metadata):
+        entry = metadata.state_dict_metadata["model.embed.weight"]
+        first = entry.chunks[0]
+        entry.size = torch.Size([2**40, 7])
+        entry.chunks = [ChunkStorageMetadata(offsets=first.offsets, sizes=torch.Size([2**40, 7]))]
+
+    rewrite_dcp_metadata(source, huge)
+    for extra in (["--dry-run"], []):
+        err = one_line_refusal(
+            ["consolidate", str(source), str(tmp_path / "out"), *extra], "more than its stored item's", capsys
+        )
+        assert "'model.embed.weight'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def rewrite_model_states(source: Path, change) -> None:
+    path = source / "global_step2" / "mp_rank_00_model_states.pt"
+    states = torch.load(path, weights_only=True)
+    change(states)
+    torch.save(states, path)
+
+
+DEEPSPEED_INCONSISTENT = {
+    "frozen shape vs fragment": (
+        lambda s: s["frozen_param_shapes"].update({"frozen.weight": torch.Size([9, 9])}),
+        "frozen parameter 'frozen.weight' has 35 elements in its fragments, but frozen_param_shapes gives it shape",
+    ),
+    "more param_shapes groups than flat groups": (
+        lambda s: s["param_shapes"].append({"extra.weight": torch.Size([3])}),
+        "param_shapes has 2 parameter groups, but the optimizer states hold 1 flat groups",
+    ),
+    "buffer named like a parameter": (
+        lambda s: (s["module"].update({"hidden.bias": torch.zeros(5)}), s["buffer_names"].append("hidden.bias")),
+        "'hidden.bias' is named twice among the buffers and parameters",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(DEEPSPEED_INCONSISTENT))
+def test_inconsistent_deepspeed_shapes_are_refused_by_name(tmp_path, capsys, kind):
+    change, expected = DEEPSPEED_INCONSISTENT[kind]
+    source = tmp_path / "ds"
+    shutil.copytree(FIXTURES / "deepspeed" / "zero2", source)
+    rewrite_model_states(source, change)
+    for extra in (["--dry-run"], []):
+        one_line_refusal(["consolidate", str(source), str(tmp_path / "out"), *extra], expected, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_lossy_casts_are_refused_on_overflow_and_recorded(tmp_path, capsys):
+    source = tmp_path / "checkpoint"
+    source.mkdir()
+    save_file({"big": torch.tensor([1e5, 1.0]), "tiny": torch.tensor([1e-8, 0.5])}, source / "model.safetensors")
+    out = tmp_path / "out"
+    one_line_refusal(["consolidate", str(source), str(out), "--dtype", "float16"], "1 finite values overflow", capsys)
+    assert not out.exists() and not [p for p in tmp_path.glob(".out.*") if p.suffix != ".lock"]
+    assert main(["consolidate", str(source), str(out), "--dtype", "float16", "--allow-overflow"]) == 0
+    record = json.loads((out / "consolidation.json").read_text())
+    assert record["cast_changes"] == {"big": {"overflowed_to_inf": 1}, "tiny": {"underflowed_to_zero": 1}}
+    assert "cast to float16" in record["output"]["verified"]
+
+
+def test_output_that_is_the_working_directory_is_refused(hf_sharded, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    shutil.copytree(hf_sharded, tmp_path / "in")
+    monkeypatch.chdir(work)
+    for extra in ([], ["--force"]):
+        one_line_refusal(["consolidate", "../in", ".", *extra], "is the working directory", capsys)
+        assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "work"]
+
+
+def test_two_directories_of_one_step_are_named_in_the_message(hf_sharded, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(hf_sharded, run / "checkpoint-7")
+    shutil.copytree(hf_sharded, run / "checkpoint-007")
+    one_line_refusal(
+        ["consolidate", str(run), str(tmp_path / "out"), "--all-checkpoints"],
+        "step 7 is in more than one directory (checkpoint-007, checkpoint-7)",
+        capsys,
+    )

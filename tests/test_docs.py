@@ -90,7 +90,8 @@ def test_readme_runnable_blocks_work_as_written(tmp_path):
         if lang == "python":
             assert "[99, 199]" in proc.stdout and "attention pattern: (961, 4, 3, 3)" in proc.stdout
     assert (tmp_path / "results" / "grokking" / "grokking_p31_seed0" / "verify.json").exists()
-    assert [path.name for path in (tmp_path / "models").glob("tl*")] == ["tl1l-206K-modadd31-grok-s0-e199"]
+    (export,) = (tmp_path / "models").glob("tl*")
+    assert re.fullmatch(r"tl1l-206K-modadd31-grok-s0-e199-c[0-9a-f]{8}", export.name), export.name
     assert (tmp_path / "results" / "_sweeps" / "grokking" / "sweep.csv").exists()
 
 

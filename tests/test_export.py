@@ -42,9 +42,10 @@ def test_size_rule(count, text):
 
 def test_name_rule_and_parse_back():
     hooked = {"n_layers": 1, "attn_only": False}
-    name = export_name(hooked, 113, 999, 24999, 227_313, None)
-    assert str(name) == "tl1l-227K-modadd113-grok-s999-e24999"
+    name = export_name(hooked, 113, 999, 24999, 227_313, None, config_hash="1a2b3c4d5e6f")
+    assert str(name) == "tl1l-227K-modadd113-grok-s999-e24999-c1a2b3c4d"
     assert parse_export_name(str(name)) == name
+    assert str(export_name(hooked, 113, 999, 24999, 227_313, None)) == "tl1l-227K-modadd113-grok-s999-e24999"
     named = parse_export_name("tl2lattn-1.83M-modadd53-grok-s0-e100-v1")
     assert named == ExportName("tl2lattn", "1.83M", "modadd53", "grok", "s0-e100-v1")
     assert (named.prime, named.seed, named.epoch) == (53, 0, 100)
@@ -60,7 +61,8 @@ def test_export_files_hashes_and_reload(runs, tmp_path):
     epoch = grokpipe.list_epochs(run)[1]
     proc = grokpipe_cli("export", str(run), "--epoch", str(epoch), "--out", str(tmp_path / "models"), "--version", "v1")
     assert proc.returncode == 0, proc.stderr
-    target = tmp_path / "models" / f"tl1l-{format_size(_params(run))}-modadd7-grok-s3-e{epoch}-v1"
+    config_hash = grokpipe.load_config(run)["config_hash"]
+    target = tmp_path / "models" / f"tl1l-{format_size(_params(run))}-modadd7-grok-s3-e{epoch}-c{config_hash[:8]}-v1"
     assert proc.stdout.strip() == str(target)
     assert sorted(p.name for p in target.iterdir()) == sorted(
         ["model.safetensors", "config.json", "tokenizer.json", "export_meta.json", "loss_curve.png", "README.md"]
@@ -106,6 +108,13 @@ def test_grokked_final_and_no_overwrite(runs, tmp_path, capsys):
     assert chosen == min(e for e in grokpipe.list_epochs(run) if e >= metadata["grokking_epoch"])
     final = export(run, tmp_path, "final")
     assert parse_export_name(final.name).epoch == metadata["final_epoch"]
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+    assert main(["export", str(run), "--out", str(tmp_path)]) == 0  # the same file again: nothing to do
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
+    meta_path = final / "export_meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["source"]["sha256"] = "0" * 64  # as if the run had been retrained since
+    meta_path.write_text(json.dumps(meta))
     before = {p.name: p.read_bytes() for p in final.iterdir()}
     assert main(["export", str(run), "--out", str(tmp_path)]) == 1
     assert "already exists; pass --force" in capsys.readouterr().err

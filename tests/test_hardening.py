@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,178 @@ def test_first_difference_compares_bits():
     assert first_difference({"x": torch.tensor([0.0])}, {"x": torch.tensor([-0.0])}) == "tensor x differs"
     assert first_difference({"x": torch.zeros(2)}, {"x": torch.zeros(2, dtype=torch.float64)}) == "tensor x differs"
     assert first_difference({"x": torch.zeros(2)}, {"y": torch.zeros(2)}) == "tensor names differ"
+
+
+# --- Round two: every reader checks what it reads ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two tiny runs that differ only in the learning rate (same p, seed, architecture), and one of
+    another prime; trained once for the module."""
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for key, prime, lr in (("a", 7, 0.001), ("b", 7, 0.003), ("p5", 5, 0.001)):
+        spec = spec_for(prime=prime, seed=0, lr=lr)
+        runs[key] = root / key / spec.run_name
+        train(spec, runs[key], progress_bar=False)
+    return runs
+
+
+def copy_run(run, tmp_path):
+    target = tmp_path / run.name.split("_p")[0] / run.name  # results/{model_name}/{run}
+    shutil.copytree(run, target)
+    return target
+
+
+def set_header_shape(path, name, shape):
+    """Rewrite one tensor's shape in a safetensors header (a hostile edit; data left as it is)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header[name]["shape"] = shape
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
+
+
+def test_a_dimension_of_two_to_the_63_is_refused_and_replaces_the_verdict(two_runs, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from grokpipe.cli import main
+    from grokpipe.io.safetensors_header import HeaderError, read_header
+
+    empty = tmp_path / "empty.safetensors"
+    save_file({"x": torch.zeros(0, 3)}, empty)
+    set_header_shape(empty, "x", [2**63, 0])
+    with pytest.raises(HeaderError, match="larger than any tensor"):
+        read_header(empty)
+    run = copy_run(two_runs["a"], tmp_path)
+    assert main(["verify", str(run)]) == 0
+    assert json.loads((run / "verification.json").read_text())["ok"]
+    capsys.readouterr()
+    checkpoint = run / "checkpoints" / "checkpoint_epoch_00019.safetensors"
+    state = grokpipe.load_state_dict(run, 19)
+    save_file(
+        {**state, "huge": torch.zeros(0)},
+        checkpoint,
+        metadata=grokpipe.io.safetensors_io.read_metadata(run / "checkpoints" / "checkpoint_epoch_00009.safetensors"),
+    )
+    set_header_shape(checkpoint, "huge", [2**63, 0])
+    assert main(["verify", str(run)]) == 1
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and "larger than any tensor" in out.out
+    verdict = json.loads((run / "verification.json").read_text())
+    assert not verdict["ok"]  # the old "verified" is gone
+    (row,) = [row for row in list_runs(run.parent.parent) if row["path"].endswith(run.name)]
+    assert row["state"] == "verification failed", row
+
+
+def test_a_verification_that_cannot_finish_records_a_failure(two_runs, tmp_path, capsys, monkeypatch):
+    from grokpipe.analysis import verify
+    from grokpipe.cli import main
+
+    run = copy_run(two_runs["a"], tmp_path)
+    assert main(["verify", str(run)]) == 0
+    capsys.readouterr()
+
+    def broken(*args, **kwargs):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(verify, "_check_recomputed_losses", broken)
+    assert main(["verify", str(run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("grokpipe: error: ") and "verification could not finish" in err and len(err.splitlines()) == 1
+    assert not json.loads((run / "verification.json").read_text())["ok"]
+
+
+@pytest.mark.parametrize(
+    "tamper, expected",
+    [
+        ("link to another run", "a link (the checkpoint of epoch 29 must be the run's own file)"),
+        ("another prime's file", "sha256 differs from the one recorded"),
+        ("edited", "sha256 differs from the one recorded"),
+    ],
+)
+def test_export_and_progress_read_only_the_runs_own_files(two_runs, tmp_path, capsys, tamper, expected):
+    from grokpipe.cli import main
+
+    run = copy_run(two_runs["a"], tmp_path)
+    checkpoint = run / "checkpoints" / "checkpoint_epoch_00029.safetensors"
+    checkpoint.unlink()
+    if tamper == "link to another run":
+        checkpoint.symlink_to(two_runs["b"] / "checkpoints" / checkpoint.name)
+    elif tamper == "another prime's file":
+        shutil.copy(two_runs["p5"] / "checkpoints" / checkpoint.name, checkpoint)
+    else:
+        shutil.copy(two_runs["b"] / "checkpoints" / checkpoint.name, checkpoint)
+    for args in (["export", str(run), "--epoch", "29", "--out", str(tmp_path / "models")], ["progress", str(run)]):
+        assert main(args) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("grokpipe: error: ") and expected in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+    assert not (run / "artifacts" / "progress_measures.csv").exists()
+
+
+def test_progress_refuses_a_missing_checkpoint(two_runs, tmp_path, capsys):
+    from grokpipe.cli import main
+
+    run = copy_run(two_runs["a"], tmp_path)
+    (run / "checkpoints" / "checkpoint_epoch_00019.safetensors").unlink()
+    assert main(["progress", str(run)]) == 1
+    assert "checkpoint_epoch_00019.safetensors: missing" in capsys.readouterr().err
+
+
+def test_a_header_naming_another_run_is_refused_even_with_a_matching_hash(two_runs, tmp_path):
+    run = copy_run(two_runs["a"], tmp_path)
+    metadata = json.loads((run / "metadata.json").read_text())
+    other = two_runs["p5"] / "checkpoints" / "checkpoint_epoch_00009.safetensors"
+    target = run / "checkpoints" / "checkpoint_epoch_00009.safetensors"
+    shutil.copy(other, target)
+    metadata["files"]["checkpoints/checkpoint_epoch_00009.safetensors"] = (
+        __import__("hashlib").sha256(other.read_bytes()).hexdigest()
+    )  # the record rewritten to match: the header still tells
+    with pytest.raises(GrokpipeError, match="its header says prime '5', but this run's is '7'"):
+        grokpipe.loading.load_checked_state_dict(run, 9, metadata=metadata)
+
+
+def test_runs_that_differ_in_one_setting_never_share_an_export(two_runs, tmp_path, capsys):
+    from grokpipe.cli import main
+    from grokpipe.export import export
+
+    a = export(two_runs["a"], tmp_path, "final")
+    b = export(two_runs["b"], tmp_path, "final")
+    assert a != b and a.name.rsplit("-c", 1)[0] == b.name.rsplit("-c", 1)[0]
+    # a copy of run a (same name) never replaces a's export, not even with --force
+    twin = copy_run(two_runs["a"], tmp_path / "copies")
+    before = {p.name: p.read_bytes() for p in a.iterdir()}
+    assert main(["export", str(twin), "--final", "--out", str(tmp_path), "--force"]) == 1
+    assert "holds an export of another run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in a.iterdir()} == before
+
+
+def test_grokked_and_final_exports_of_one_run_as_concurrent_jobs(two_runs, tmp_path):
+    run = two_runs["a"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "grokpipe", "export", str(run), which, "--out", str(tmp_path), "--force"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for which in ("--final", "--final", "--epoch=29")
+    ]
+    results = [proc.communicate(timeout=300) + (proc.returncode,) for proc in procs]
+    assert all(code == 0 for *_, code in results), results
+    assert len({out.strip() for out, _, _ in results}) == 1  # one directory, written once or found done
+    assert grokpipe.load_state_dict(Path(results[0][0].strip()))
+
+
+def test_export_out_that_is_a_file_is_one_line(two_runs, tmp_path, capsys):
+    from grokpipe.cli import main
+
+    (tmp_path / "models").write_text("not a directory")
+    assert main(["export", str(two_runs["a"]), "--out", str(tmp_path / "models")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "models: not a directory" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]

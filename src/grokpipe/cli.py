@@ -181,7 +181,14 @@ def cmd_consolidate(args) -> int:
 
     if args.filter is not None and not args.all_checkpoints:
         raise GrokpipeError("--filter selects checkpoints of --all-checkpoints; pass both")
-    options = dict(dtype=args.dtype, dry_run=args.dry_run, force=args.force)
+    options = dict(
+        dtype=args.dtype,
+        dry_run=args.dry_run,
+        force=args.force,
+        allow_overflow=args.allow_overflow,
+    )
+    if args.max_output_ratio is not None:
+        options["max_output_ratio"] = args.max_output_ratio
     if args.all_checkpoints:
         progress = not args.no_progress
         result = consolidate_all(args.input, args.out_dir, pattern=args.filter, progress=progress, **options)
@@ -193,22 +200,36 @@ def cmd_consolidate(args) -> int:
     return 0
 
 
-def cmd_verify(args) -> int:
-    from .analysis.verify import verify_run
+def _record_verification(args, report) -> None:
+    """The outcome stays in the run, where list and inspect see it, even when Snakemake deletes
+    the failed job's --report output."""
     from .io.atomic import write_json_atomic
     from .layout import RunLayout
+
+    if Path(args.run_dir).is_dir():
+        write_json_atomic(RunLayout(Path(args.run_dir)).verification, report.to_dict())
+    if args.report:
+        write_json_atomic(args.report, report.to_dict())
+
+
+def cmd_verify(args) -> int:
+    from .analysis.verify import Report, verify_run
     from .training.model import require_hooked_transformer
 
     # Before anything is checked: under TransformerLens 4 every strict load would "fail" and the run
     # would be recorded as damaged.
     require_hooked_transformer("verify")
-    report = verify_run(args.run_dir, recompute=args.recompute)
-    if Path(args.run_dir).is_dir():
-        # The outcome stays in the run, where list and inspect see it, even when Snakemake deletes
-        # the failed job's --report output.
-        write_json_atomic(RunLayout(Path(args.run_dir)).verification, report.to_dict())
-    if args.report:
-        write_json_atomic(args.report, report.to_dict())
+    try:
+        report = verify_run(args.run_dir, recompute=args.recompute)
+    except Exception as exc:
+        # A verification that could not finish is a failed one: it replaces the previous verdict,
+        # so list and inspect never keep saying "verified" about a run that no longer is.
+        report = Report(Path(args.run_dir))
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        report.problem(args.run_dir, f"verification could not finish ({detail})")
+        _record_verification(args, report)
+        raise GrokpipeError(report.problems[0]) from None
+    _record_verification(args, report)
     for line in report.problems:
         print(line)
     checked = report.checked
@@ -459,6 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-checkpoints", action="store_true", help="every checkpoint-N / global_stepN under INPUT")
     p.add_argument("--filter", help="with --all-checkpoints: only checkpoint directories matching this glob")
     p.add_argument("--force", action="store_true", help="replace existing output directories")
+    p.add_argument(
+        "--max-output-ratio",
+        type=positive_float,
+        default=None,
+        help="refuse to write more than this many bytes per byte read (default 4)",
+    )
+    p.add_argument(
+        "--allow-overflow",
+        action="store_true",
+        help="with --dtype: write values that overflow to inf (counted in consolidation.json) instead of refusing",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.set_defaults(func=cmd_consolidate)
 
@@ -485,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="one epoch of a run as a standalone model directory models/{arch}-{size}-{dataset}-{type}-{version}/",
         description="Write model.safetensors, config.json, tokenizer.json, export_meta.json, loss_curve.png and a "
         "README.md model card for one epoch of RUN_DIR into OUT/{architecture}-{size}-{dataset}-{training_type}-"
-        "{version}/, e.g. models/tl1l-227K-modadd113-grok-s999-e24999 (see grokpipe.export for the rule).",
+        "{version}/, e.g. models/tl1l-227K-modadd113-grok-s999-e24999-c1a2b3c4d (see docs/file-formats.md).",
     )
     p.add_argument("run_dir", help="a run directory, results/{model_name}/{model_name}_p{prime}_seed{seed}")
     which = p.add_mutually_exclusive_group()

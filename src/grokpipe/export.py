@@ -2,7 +2,7 @@
 
 Directory name (the ``models/`` convention: ``{architecture}-{size}-{dataset}-{training_type}-{version}``)::
 
-    tl1l-227K-modadd113-grok-s999-e24999[-v1]
+    tl1l-227K-modadd113-grok-s999-e24999-c1a2b3c4d[-v1]
 
 - architecture: ``tl{n_layers}l``, a TransformerLens transformer of that many layers (``tl{n}lattn``
   when attention-only);
@@ -12,9 +12,9 @@ Directory name (the ``models/`` convention: ``{architecture}-{size}-{dataset}-{t
 - dataset: ``mod{operation}{p}``: ``modadd113`` (a + b mod p), ``modsub113``, ``modsq_sum113``, ...
   (the operations of :mod:`grokpipe.training.tasks`);
 - training_type: ``grok`` (trained on the grokking task, or converted from the demo's pickle);
-- version: ``s{seed}-e{epoch}``, then ``-c{config hash[:8]}`` for a run of a sweep cell (cells that
-  differ only in a hyperparameter share p, seed and architecture), then ``-{--version}`` when given:
-  it names the run and the epoch.
+- version: ``s{seed}-e{epoch}-c{config hash[:8]}`` (runs that differ only in a hyperparameter share
+  p, seed and architecture; the hash tells them apart), then ``-{--version}`` when given: it names
+  the run and the epoch. An existing export of another run is never replaced.
 
 :func:`parse_export_name` reads a name back into these parts. The directory holds
 ``model.safetensors`` (the epoch's weights, the run's provenance in the header), ``config.json``,
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -45,10 +46,14 @@ from .io.atomic import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from .io.safetensors_io import read_metadata, read_tensors, write_verified_model_file
+from .io.safetensors_io import read_metadata, write_verified_model_file
 from .layout import RunLayout
-from .loading import EXPORT_META, load_config, load_metadata
+from .loading import EXPORT_META, load_checked_state_dict, load_config, load_metadata, read_json
 from .writer_lock import writer_lock
+
+# Two exports of one run (--grokked and --final as concurrent jobs) can name one directory: the
+# second waits for the first, then finds it done.
+EXPORT_LOCK_WAIT_SECONDS = 600.0
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +110,9 @@ def parse_export_name(name: str) -> ExportName:
             match = None
     if not match:
         rule = "{architecture}-{size}-{dataset}-{training_type}-{version}"
-        raise GrokpipeError(f"{name!r} is not an export name ({rule}, e.g. tl1l-227K-modadd113-grok-s999-e24999)")
+        raise GrokpipeError(
+            f"{name!r} is not an export name ({rule}, e.g. tl1l-227K-modadd113-grok-s999-e24999-c1a2b3c4d)"
+        )
     return ExportName(**match.groupdict())
 
 
@@ -133,14 +140,15 @@ def export_name(
     version: str | None,
     *,
     operation: str = "add",
-    cell_hash: str | None = None,
+    config_hash: str | None = None,
 ) -> ExportName:
-    """The export directory name of one epoch (see the module docstring); ``cell_hash``: the
-    config hash of a sweep cell's run, whose first 8 digits tell it from its sibling cells."""
+    """The export directory name of one epoch (see the module docstring); ``config_hash``: the
+    run's config hash, whose first 8 digits tell it from runs that differ only in a setting."""
     if version is not None and not _VERSION_RE.match(version):
         raise GrokpipeError(f"--version {version!r}: letters, digits, '.' and '_' only (no '-', no '/')")
     architecture = f"tl{hooked['n_layers']}l" + ("attn" if hooked.get("attn_only") else "")
-    run_version = f"s{seed}-e{epoch}" + (f"-c{cell_hash[:8]}" if cell_hash else "") + (f"-{version}" if version else "")
+    run_version = f"s{seed}-e{epoch}" + (f"-c{config_hash[:8]}" if config_hash else "")
+    run_version += f"-{version}" if version else ""
     return ExportName(architecture, format_size(count), f"mod{operation}{prime}", "grok", run_version)
 
 
@@ -257,17 +265,37 @@ def export(run_dir, out="models", which: str = "final", epoch: int | None = None
     layout = RunLayout(run_dir)
     metadata, config = load_metadata(run_dir), load_config(run_dir)
     chosen, source_file = choose_epoch(layout, metadata, which, epoch)
-    state = read_tensors(source_file)
+    # The run's own file as written (hash and header checked), never a link to another run's.
+    state = load_checked_state_dict(run_dir, None if source_file == layout.final_model else chosen, metadata=metadata)
     hooked = config["hooked_transformer_config"]
     prime, seed = int(config["prime"]), int(config["seed"])
     count = parameter_count(state)
-    cell_hash = config.get("config_hash") if config.get("sweep_cell") else None
     operation = config.get("task", {}).get("operation", "add")
-    name = export_name(hooked, prime, seed, chosen, count, version, operation=operation, cell_hash=cell_hash)
-    target = Path(out) / str(name)
-    with writer_lock(target, "export"):
-        if target.exists() and not force:
-            raise GrokpipeError(f"{target}: already exists; pass --force to replace it (nothing was written)")
+    # The config hash in the name: runs that differ only in a hyperparameter never share a name.
+    name = export_name(
+        hooked, prime, seed, chosen, count, version, operation=operation, config_hash=config.get("config_hash")
+    )
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise GrokpipeError(f"{out}: not a directory (--out names the parent directory of exports)")
+    target = out / str(name)
+    source_sha = sha256_file(source_file)
+    with writer_lock(target, "export", wait=EXPORT_LOCK_WAIT_SECONDS):
+        if os.path.lexists(target):
+            existing = _existing_source(target)
+            if existing.get("run") != str(run_dir.resolve()):
+                holder = (
+                    f"an export of another run ({existing['run']})" if existing.get("run") else "no export of this run"
+                )
+                raise GrokpipeError(
+                    f"{target}: holds {holder}; it is never replaced, even with --force: remove it, or give "
+                    "this export a --version"
+                )
+            if existing.get("sha256") == source_sha and existing.get("epoch") == chosen:
+                log.info("%s already holds this export of %s epoch %d", target, run_dir, chosen)
+                return target  # the same file of the same run: nothing to do
+            if not force:
+                raise GrokpipeError(f"{target}: already exists; pass --force to replace it (nothing was written)")
         remove_stale_staging(target, STAGING_MARKERS)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = make_unique_dir(target.parent, f".{target.name}.exporting-")
@@ -293,6 +321,17 @@ def export(run_dir, out="models", which: str = "final", epoch: int | None = None
             shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s epoch %d -> %s", run_dir, chosen, target)
     return target
+
+
+def _existing_source(target: Path) -> dict:
+    """What an existing export directory was made from: its source run, file hash and epoch
+    (empty when it holds no readable export_meta.json, i.e. it is no export of ours)."""
+    try:
+        meta = read_json(target / EXPORT_META)
+    except GrokpipeError:
+        return {}
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    return {"run": source.get("run"), "sha256": source.get("sha256"), "epoch": meta.get("epoch")}
 
 
 def _export_meta(run_dir, metadata, config, source_file, epoch, which, name, count) -> dict:

@@ -7,12 +7,14 @@ CPU unless asked otherwise, whatever device trained it.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import GrokpipeError
+from .io.paths import regular_file
 from .io.safetensors_io import read_metadata, read_tensors
 from .layout import RunLayout
 
@@ -86,6 +88,63 @@ def load_state_dict(path: str | Path, epoch: int | None = None) -> dict[str, tor
 
         return legacy_state_dict(path, epoch)
     return read_tensors(_resolve(path, epoch))
+
+
+def load_checked_state_dict(
+    run_dir: str | Path, epoch: int | None = None, *, metadata: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """Like :func:`load_state_dict` for a run directory, but only for the run's own file, as written.
+
+    Before any tensor is used: the file is a regular file of the run (not a link to another run's),
+    its sha256 equals the one ``metadata.json`` recorded when it was written, and its header names
+    this run (model name, prime, seed, config hash) and this epoch. What ``export`` and
+    ``progress`` read goes through here.
+
+    Args:
+        run_dir: a run directory.
+        epoch: a checkpoint epoch, or None for the final model.
+        metadata: the run's metadata.json, when the caller has read it already.
+
+    Returns:
+        The tensors, on CPU.
+
+    Example:
+        >>> state = load_checked_state_dict("results/grokking/grokking_p31_seed0", 999)
+    """
+    import hashlib
+
+    from safetensors.torch import load as load_bytes
+
+    from .io.safetensors_header import HeaderError, read_header
+
+    layout = _layout(run_dir)
+    metadata = load_metadata(layout.root) if metadata is None else metadata
+    path = layout.final_model if epoch is None else layout.checkpoint(int(epoch))
+    what = "the final model" if epoch is None else f"the checkpoint of epoch {epoch}"
+    if not os.path.lexists(path):
+        raise GrokpipeError(f"{path}: missing ({what} of the run; `grokpipe train` recomputes it)")
+    if path.is_symlink():
+        raise GrokpipeError(f"{path}: a link ({what} must be the run's own file); refused")
+    regular_file(path)
+    relative = path.relative_to(layout.root).as_posix()
+    recorded = (metadata.get("files") or {}).get(relative)
+    if recorded is None:
+        raise GrokpipeError(f"{path}: not recorded in {layout.metadata.name}; refused")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != recorded:
+        raise GrokpipeError(f"{path}: sha256 differs from the one recorded when it was written (replaced or damaged)")
+    try:
+        header = read_header(path).metadata
+    except HeaderError as exc:
+        raise GrokpipeError(f"{path}: not a valid safetensors file ({exc})") from None
+    keys = ("model_name", "prime", "seed", "config_hash")
+    expected = {key: str(metadata[key]) for key in keys if metadata.get(key) is not None}
+    if epoch is not None:
+        expected["epoch"] = str(epoch)
+    for key, value in expected.items():
+        if key in header and header[key] != value:
+            raise GrokpipeError(f"{path}: its header says {key} {header[key]!r}, but this run's is {value!r}; refused")
+    return load_bytes(data)
 
 
 def hooked_config_dict(path: str | Path, epoch: int | None = None) -> dict:
@@ -212,13 +271,21 @@ _INDEX_KEYS = ("train_indices", "test_indices", "noisy_indices")
 
 
 def read_json(path: Path) -> dict:
-    """A JSON file of a run; missing or unreadable is a GrokpipeError naming it."""
+    """A JSON object file (of a run, an export, an index): the one JSON reader of grokpipe.
+
+    Missing, not a regular file (a FIFO is never opened), unreadable, or not a JSON object: a
+    GrokpipeError naming it.
+    """
+    regular_file(path)
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise GrokpipeError(f"{path}: missing") from None
     except (OSError, ValueError) as exc:
         raise GrokpipeError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise GrokpipeError(f"{path}: not a JSON object")
+    return data
 
 
 __all__ = [

@@ -35,8 +35,13 @@ def _holder(path: Path) -> str:
 
 
 @contextmanager
-def writer_lock(run_dir: str | Path, command: str):
-    """Hold the exclusive writer lock of ``run_dir`` for the duration of the block."""
+def writer_lock(run_dir: str | Path, command: str, *, wait: float = 0.0):
+    """Hold the exclusive writer lock of ``run_dir`` for the duration of the block.
+
+    ``wait``: seconds to wait for another holder to finish before refusing (0: refuse at once).
+    Exports wait: two exports of one run (``--grokked`` and ``--final`` as concurrent jobs) may
+    name the same directory, and the second then finds the first's result.
+    """
     path = lock_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -44,13 +49,18 @@ def writer_lock(run_dir: str | Path, command: str):
     except OSError as exc:
         raise GrokpipeError(f"{path}: cannot open the run's lock file ({exc.strerror or exc})") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise GrokpipeError(
-                f"{run_dir}: another grokpipe process is writing this run: {_holder(path)}; "
-                "wait for it to finish (or stop it) and run again"
-            ) from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise GrokpipeError(
+                        f"{run_dir}: another grokpipe process is writing this run: {_holder(path)}; "
+                        "wait for it to finish (or stop it) and run again"
+                    ) from None
+                time.sleep(0.2)
         since = time.strftime("%Y-%m-%dT%H:%M:%S")
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": since})
         os.ftruncate(fd, 0)

@@ -12,16 +12,19 @@ import json
 from pathlib import Path
 
 from ..errors import GrokpipeError
+from ..io.paths import regular_file
 from ..io.safetensors_header import HeaderError, read_header
 from ..layout import RUN_DIR_RE, RunLayout
 
 
 def _json(path: Path) -> dict | None:
+    """A JSON object file, or None when it is missing or not one (inspect describes what it can)."""
+    from ..loading import read_json
+
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json(path)
+    except GrokpipeError:
         return None
-    return data if isinstance(data, dict) else None
 
 
 def _file_summary(path: Path) -> dict:
@@ -208,6 +211,7 @@ def inspect_path(path: str | Path) -> dict:
         return inspect_run(path)
     if not path.exists():
         raise GrokpipeError(f"{path}: no such file or run directory")
+    regular_file(path)  # a FIFO or device is refused, never opened
     if path.suffix == ".safetensors":
         return _file_summary(path)
     return inspect_legacy(path)

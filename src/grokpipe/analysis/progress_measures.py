@@ -152,7 +152,7 @@ def measure(model, inputs: Inputs) -> dict:
 
 def progress_measures(run_dir: str | Path, frequencies: list[int] | None = None) -> tuple[list[dict], dict]:
     """(one row per checkpoint, the key-frequency record) of a trained or converted run."""
-    from ..loading import list_epochs, load_config, load_metadata, load_state_dict
+    from ..loading import load_checked_state_dict, load_config, load_metadata
 
     layout = RunLayout(Path(run_dir))
     metadata, config = load_metadata(layout.root), load_config(layout.root)
@@ -163,7 +163,7 @@ def progress_measures(run_dir: str | Path, frequencies: list[int] | None = None)
     p = int(metadata["prime"])
     final_epoch = metadata.get("final_epoch")
     if frequencies is None:
-        final = load_state_dict(layout.root)
+        final = load_checked_state_dict(layout.root, metadata=metadata)
         frequencies = key_frequencies(final["embed.W_E"], p)
         record = {"key_frequencies": frequencies, "from_epoch": final_epoch, "rule": KEY_FREQUENCY_RULE}
     else:
@@ -183,8 +183,10 @@ def progress_measures(run_dir: str | Path, frequencies: list[int] | None = None)
         p=p,
     )
     rows = []
-    for epoch in list_epochs(layout.root):
-        model.load_state_dict(load_state_dict(layout.root, epoch), strict=True)
+    # Every checkpoint of the run's record, each checked to be the run's own file as written: a
+    # missing one is an error (as for verify), a swapped or edited one is refused.
+    for epoch in metadata.get("checkpoint_epochs") or []:
+        model.load_state_dict(load_checked_state_dict(layout.root, epoch, metadata=metadata), strict=True)
         rows.append({"epoch": epoch, **measure(model, inputs)})
     return rows, record
 

@@ -22,7 +22,6 @@ Checks, each reported as one line naming the file and what is wrong:
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +29,11 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
+from ..errors import GrokpipeError
 from ..io.atomic import sha256_file
 from ..io.safetensors_header import HeaderError, read_header
 from ..layout import RunLayout
+from ..loading import read_json
 
 RECOMPUTE_BUDGET = 2_000_000  # test examples
 SAME_MACHINE_TOLERANCE = (1e-5, 1e-9)  # (relative, absolute): grokpipe-trained on CPU
@@ -63,18 +64,12 @@ class Report:
 
 
 def _read_json(report: Report, path: Path) -> dict | None:
+    """The JSON object at ``path``, or None with the problem reported."""
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        report.problem(path, "missing")
+        return read_json(path)
+    except GrokpipeError as exc:
+        report.problems.append(str(exc))
         return None
-    except (OSError, ValueError) as exc:
-        report.problem(path, f"not readable JSON ({exc})")
-        return None
-    if not isinstance(data, dict):
-        report.problem(path, "not a JSON object")
-        return None
-    return data
 
 
 def sample_epochs(epochs: list[int], test_size: int, budget: int = RECOMPUTE_BUDGET) -> list[int]:
@@ -128,7 +123,8 @@ def verify_run(run_dir: str | Path, recompute: str | int = "auto") -> Report:
     if config is not None and metadata is not None and metadata.get("source", "trained") == "trained":
         _check_split(report, layout, metadata, config)
     if config is not None:
-        loaded = _check_strict_loads(report, layout, config, files, intact)
+        well_formed = {epoch: path for epoch, path in files.items() if epoch in headers}
+        loaded = _check_strict_loads(report, layout, config, well_formed, intact)
         if metadata is not None and loaded:
             _check_recomputed_losses(report, layout, metadata, loaded, recompute)
     return report
@@ -269,13 +265,11 @@ def _check_strict_loads(report: Report, layout: RunLayout, config: dict, files: 
         report.problem(layout.config, f"hooked_transformer_config does not build a HookedTransformer ({exc})")
         return {}
     states, strict_ok = {}, 0
-    for epoch, path in files.items():
-        if not path.exists():
-            continue
+    for epoch, path in files.items():  # only files whose header parsed: the others are reported already
         try:
             state = read_tensors(path)
             model.load_state_dict(state, strict=True)
-        except (GrokpipeError, RuntimeError) as exc:
+        except (GrokpipeError, RuntimeError, ValueError, TypeError, OverflowError) as exc:
             message = str(exc).split("\n\t")[0] if isinstance(exc, RuntimeError) else str(exc).split(": ", 1)[-1]
             report.problem(path, f"does not load strictly into the HookedTransformer of config.json ({message})")
             continue

@@ -81,20 +81,56 @@ def _tensor_dtype(properties, what: str) -> torch.dtype:
     return dtype
 
 
+PAIRWISE_CHUNK_LIMIT = 2_000  # chunks that form no grid are compared pairwise up to this many
+
+
 def _check_tiling(name: str, shape: tuple[int, ...], chunks: list[tuple[tuple, tuple]], path: Path) -> None:
-    """Chunks lie inside the tensor, do not overlap, and cover it (their volumes add up to it)."""
+    """Chunks lie inside the tensor, do not overlap, and cover it (their volumes add up to it).
+
+    O(n log n): the chunks that hold elements must form a grid, the product of one partition of
+    each dimension (what FSDP, FSDP2 and tensor parallelism write, uneven shards included). Chunks
+    that form no grid are compared pairwise, for at most PAIRWISE_CHUNK_LIMIT of them.
+    """
     for offsets, sizes in chunks:
         if len(offsets) != len(shape) or len(sizes) != len(shape):
             raise GrokpipeError(f"{path}: a chunk of {name!r} has {len(sizes)} dimensions, the tensor {len(shape)}")
         if any(o + s > d for o, s, d in zip(offsets, sizes, shape)):
             raise GrokpipeError(f"{path}: a chunk of {name!r} at {list(offsets)} reaches past its shape {list(shape)}")
-    for i, (a_off, a_size) in enumerate(chunks):
-        for b_off, b_size in chunks[i + 1 :]:
-            if all(a < b + bs and b < a + s for a, s, b, bs in zip(a_off, a_size, b_off, b_size)):
-                if math.prod(a_size) and math.prod(b_size):
-                    raise GrokpipeError(f"{path}: chunks of {name!r} at {list(a_off)} and {list(b_off)} overlap")
     if sum(math.prod(sizes) for _, sizes in chunks) != math.prod(shape):
         raise GrokpipeError(f"{path}: the chunks of {name!r} do not cover its shape {list(shape)} (a missing rank?)")
+    full = [(offsets, sizes) for offsets, sizes in chunks if math.prod(sizes)]
+    if _is_grid(full, shape):
+        return
+    if len(full) > PAIRWISE_CHUNK_LIMIT:
+        raise GrokpipeError(
+            f"{path}: the {len(full)} chunks of {name!r} form no grid over its shape {list(shape)}; refused"
+        )
+    for i, (a_off, a_size) in enumerate(full):
+        for b_off, b_size in full[i + 1 :]:
+            if all(a < b + bs and b < a + s for a, s, b, bs in zip(a_off, a_size, b_off, b_size)):
+                raise GrokpipeError(f"{path}: chunks of {name!r} at {list(a_off)} and {list(b_off)} overlap")
+
+
+def _is_grid(chunks: list[tuple[tuple, tuple]], shape: tuple[int, ...]) -> bool:
+    """Whether the (non-empty) chunks are exactly the cells of a grid: per dimension, the chunks'
+    intervals partition [0, size), and every combination of intervals is one chunk, once."""
+    cells = set()
+    for offsets, sizes in chunks:
+        cells.add(tuple(zip(offsets, sizes)))
+    if len(cells) != len(chunks):
+        return False  # a chunk given twice
+    count = 1
+    for dim, size in enumerate(shape):
+        intervals = sorted({cell[dim] for cell in cells})
+        position = 0
+        for offset, length in intervals:
+            if offset != position:
+                return False  # overlapping or gapped intervals along this dimension
+            position = offset + length
+        if position != size:
+            return False
+        count *= len(intervals)
+    return count == len(cells)  # with the cells distinct and inside the grid: all of it, once
 
 
 def _place(root: Path, info: dict, what: str) -> tuple[Path, int, int]:
@@ -108,6 +144,17 @@ def _place(root: Path, info: dict, what: str) -> tuple[Path, int, int]:
     if offset + length > path.stat().st_size:
         raise GrokpipeError(f"{path}: {what} lies at bytes {offset}-{offset + length}, past the end (truncated)")
     return path, offset, length
+
+
+def _check_regions_apart(places: list[tuple[Path, int, int]]) -> None:
+    """No two stored items share bytes: DCP writes each item once, so chunks pointing at one region
+    would only multiply a small input into a large output. O(n log n)."""
+    ordered = sorted(places, key=lambda place: (str(place[0]), place[1], place[2]))
+    for (file_a, offset_a, length_a), (file_b, offset_b, _) in zip(ordered, ordered[1:]):
+        if file_a == file_b and offset_b < offset_a + length_a:
+            raise GrokpipeError(
+                f"{file_b}: two stored items share bytes from offset {offset_b} (each chunk must have its own); refused"
+            )
 
 
 def _read_item(place: tuple[Path, int, int]):
@@ -162,10 +209,20 @@ def dcp_source(root: Path) -> CheckpointSource:
             parts.append((offsets, sizes, places[(name, offsets)]))
         _check_tiling(name, shape, [(o, s) for o, s, _ in parts], metadata_path)
         parts = [(o, s, _place(root, info, f"the chunk of {name!r} at {list(o)}")) for o, s, info in parts]
+        dtype = _tensor_dtype(fields.get("properties"), what)
+        for offsets, sizes, (file, _, length) in parts:
+            # A stored item is a torch.save archive of the chunk: at least its bytes. This bounds what
+            # is written by what is read, and refuses sizes like (2**40, 4) before any allocation.
+            if math.prod(sizes) * dtype.itemsize > length:
+                raise GrokpipeError(
+                    f"{file}: the chunk of {name!r} at {list(offsets)} is {dtype} {list(sizes)} "
+                    f"({math.prod(sizes) * dtype.itemsize} bytes), more than its stored item's {length} bytes"
+                )
         files.update(dict.fromkeys(place[0] for _, _, place in parts))
         first = parts[0][2][0] if parts else metadata_path
-        tensors[name] = TensorEntry(name, _tensor_dtype(fields.get("properties"), what), shape, first)
+        tensors[name] = TensorEntry(name, dtype, shape, first)
         chunks[name] = parts
+    _check_regions_apart([place for parts in chunks.values() for *_, place in parts] + list(byte_items.values()))
 
     extras = {}
     for name, place in byte_items.items():

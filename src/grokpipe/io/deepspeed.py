@@ -32,11 +32,14 @@ from pathlib import Path
 import torch
 
 from ..errors import GrokpipeError
+from .paths import regular_file
 from .restricted_pickle import numpy_allowlist, safe_torch_load, stand_in
 from .sources import CheckpointSource, TensorEntry, inside
 
 ALLOWED = "tensors, containers, numpy scalars and DeepSpeed's LossScaler, ZeroStageEnum and fragment_address"
 REMAP_BYTES = 256 << 20
+MAX_TAG_BYTES = 255  # a directory name
+_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _MODEL_RE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 
@@ -63,13 +66,18 @@ def tag_directory(root: Path) -> Path:
     """The directory holding the ZeRO files: ``root`` itself, or the tag ``root/latest`` names."""
     if any(_OPTIM_RE.match(p.name) for p in root.iterdir()):
         return root
-    latest = root / "latest"
+    latest = regular_file(root / "latest", root=root)
     try:
-        tag = latest.read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GrokpipeError(f"{latest}: cannot read the checkpoint tag ({exc})") from None
+        with open(latest, "rb") as fh:
+            raw = fh.read(MAX_TAG_BYTES + 1)
+    except OSError as exc:
+        raise GrokpipeError(f"{latest}: cannot read the checkpoint tag ({exc.strerror or exc})") from None
+    tag = raw.decode("utf-8", "replace").strip()
+    # The content is echoed only once it is known to be a plain directory name.
+    if len(raw) > MAX_TAG_BYTES or not _TAG_RE.match(tag):
+        raise GrokpipeError(f"{latest}: does not hold a checkpoint directory name (as DeepSpeed's global_step10)")
     directory = root / tag
-    if not tag or "/" in tag or tag in (".", "..") or not directory.resolve().is_relative_to(root.resolve()):
+    if tag in (".", "..") or not directory.resolve().is_relative_to(root.resolve()):
         raise GrokpipeError(f"{latest}: tag {tag!r} is not a directory name inside {root}")
     if not directory.is_dir():
         raise GrokpipeError(f"{latest}: names {tag!r}, which is missing from {root}")
@@ -198,12 +206,31 @@ def deepspeed_source(root: Path) -> CheckpointSource:
         absent = [n for n in frozen_shapes if not torch.is_tensor(fragments.get(n))]
         if absent:
             raise GrokpipeError(f"{path}: frozen parameter {absent[0]!r} has no fragment")
+    for name, shape in frozen_shapes.items():
+        held = sum(fragments[name].numel() for fragments in (frozen if stage == 3 else frozen[:1]))
+        needed = math.prod(shape)
+        # stage 3 pads each rank's fragment to ceil(n / W) elements; stages 1/2 keep the whole tensor
+        fits = needed <= held <= needed + world if stage == 3 else held == needed
+        if not fits:
+            raise GrokpipeError(
+                f"{model_files[0]}: frozen parameter {name!r} has {held} elements in its fragments, but "
+                f"frozen_param_shapes gives it shape {list(shape)}"
+            )
+    names = [*buffers, *frozen_shapes, *(name for group in param_groups for name in group)]
+    if len(set(names)) != len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise GrokpipeError(f"{model_files[0]}: {twice!r} is named twice among the buffers and parameters")
     shared = rank0.get("shared_params") or {}
     if not isinstance(shared, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in shared.items()):
         raise GrokpipeError(f"{model_files[0]}: shared_params is not a mapping of names to names")
 
     placements = _stage3_placements(param_groups, sizes[0], world, directory) if stage == 3 else None
     if stage != 3:
+        if len(param_groups) != len(sizes[0]):
+            raise GrokpipeError(
+                f"{model_files[0]}: param_shapes has {len(param_groups)} parameter groups, but the optimizer "
+                f"states hold {len(sizes[0])} flat groups"
+            )
         paddings = first.get("param_alignment_paddings")
         placements = _stage12_placements(param_groups, sizes, world, paddings, directory)
 

@@ -10,11 +10,13 @@ is a ``torch.save`` pickle, anything else must parse as safetensors), whatever i
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import zipfile
 from pathlib import Path
 
 from ..errors import GrokpipeError
+from .paths import regular_file
 
 # The format readers (and torch) are imported by detect() only: the Snakefile imports this module
 # for holds_checkpoint_dirs when it parses.
@@ -34,8 +36,8 @@ def detect(root: str | Path):
         return reader(path.parent, None, path.name)
 
     root = Path(root)
-    if root.is_file():
-        return single_file(root)
+    if os.path.exists(root) and not root.is_dir():
+        return single_file(regular_file(root))
     if not root.is_dir():
         raise GrokpipeError(f"{root}: no such checkpoint directory or model file")
     if (root / "latest").is_file() or any(_OPTIM_RE.match(p.name) for p in root.iterdir()):
@@ -43,8 +45,8 @@ def detect(root: str | Path):
     if (root / METADATA).is_file():
         return dcp_source(root)
     for name in (hf.SINGLE_SAFETENSORS, hf.SINGLE_BIN):
-        if (root / name).exists():
-            return single_file(root / name)
+        if os.path.lexists(root / name):
+            return single_file(regular_file(root / name, root=root))
     if (root / hf.SAFETENSORS_INDEX).is_file():
         return hf.safetensors_source(root, root / hf.SAFETENSORS_INDEX)
     if (root / hf.BIN_INDEX).is_file():
@@ -74,11 +76,14 @@ def checkpoint_dirs(run_dir: str | Path, pattern: str | None = None) -> list[tup
     for entry in run_dir.iterdir():
         match = CHECKPOINT_DIR_RE.match(entry.name)
         if match and entry.is_dir() and (pattern is None or fnmatch.fnmatch(entry.name, pattern)):
+            if not entry.resolve().is_relative_to(run_dir.resolve()):
+                raise GrokpipeError(f"{entry}: a link that leaves {run_dir}; refused")
             found.append((int(match.group(1)), entry))
     steps = [step for step, _ in found]
     if len(set(steps)) != len(steps):
         duplicate = next(s for s in steps if steps.count(s) > 1)
-        raise GrokpipeError(f"{run_dir}: step {duplicate} has both checkpoint-{duplicate} and global_step{duplicate}")
+        both = sorted(path.name for step, path in found if step == duplicate)
+        raise GrokpipeError(f"{run_dir}: step {duplicate} is in more than one directory ({', '.join(both)})")
     if not found:
         what = f" matching {pattern!r}" if pattern else ""
         raise GrokpipeError(f"{run_dir}: no checkpoint-N or global_stepN directories{what}")

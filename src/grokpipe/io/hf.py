@@ -11,6 +11,7 @@ shard at a time. Trainer extras beside them (``optimizer.pt``, ``rng_state.pth``
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import GrokpipeError
 from ..loading import read_json
+from .paths import regular_file
 from .restricted_pickle import numpy_allowlist, safe_torch_load
 from .safetensors_header import HeaderError, read_header
 from .sources import SAFETENSORS_DTYPES, CheckpointSource, TensorEntry, inside, json_ready
@@ -141,5 +143,7 @@ def bin_source(root: Path, index_path: Path | None, single: str = SINGLE_BIN) ->
 
 
 def _config(root: Path) -> Path | None:
+    """The checkpoint's config.json, to be copied: a regular file inside ``root`` (a link to any
+    other file, such as ``/proc/self/environ``, would carry its content into the output)."""
     path = root / "config.json"
-    return path if path.is_file() else None
+    return regular_file(path, root=root) if os.path.lexists(path) else None

@@ -18,8 +18,10 @@ import zipfile
 from pathlib import Path
 
 import torch
+from torch import _weights_only_unpickler
 
 from ..errors import GrokpipeError
+from .paths import regular_file
 
 NUMERIC_DTYPE_CODES = "?bBhHiIlLqQefdgFD"
 MAX_SCALAR_BYTES = 32  # the widest numeric scalar (complex long double)
@@ -194,12 +196,16 @@ def safe_torch_load(path: str | Path, allowlist: list, allowed: str, mmap: bool 
     file (an archive embedded in a larger file), ``path`` then only names it in messages.
     """
     path = Path(path)
-    if data is None and not path.is_file():
-        raise GrokpipeError(f"{path}: no such file")
+    if data is None:
+        regular_file(path)  # a FIFO would block the reader forever
     source = path if data is None else io.BytesIO(data)
     check_container(path, source)
     if data is not None:
         source.seek(0)
+    if mmap and data is None:
+        # torch's memory-mapped path slices each storage out of the file by its claimed size without
+        # checking it against the record (the read path does): check it here first.
+        check_storage_sizes(path, allowlist, allowed)
     try:
         with torch.serialization.safe_globals(allowlist), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -208,6 +214,53 @@ def safe_torch_load(path: str | Path, allowlist: list, allowed: str, mmap: bool 
         raise refusal(path, exc, allowed) from None
     check_bounded(path, loaded)
     return loaded
+
+
+def check_storage_sizes(path: Path, allowlist: list, allowed: str) -> None:
+    """Every storage the pickle declares has a record in the archive at least as large as its claimed
+    size. Reads the pickle only, through the same weights-only unpickler and allowlist as the load,
+    with storages on the meta device (no tensor data is read or allocated)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            pickle_name = next(name for name in names if name == "data.pkl" or name.endswith("/data.pkl"))
+            data_prefix = pickle_name.removesuffix("data.pkl") + "data/"
+            records = {
+                name.removeprefix(data_prefix): archive.getinfo(name).file_size
+                for name in names
+                if name.startswith(data_prefix)
+            }
+            pickled = archive.read(pickle_name)
+    except StopIteration:
+        raise GrokpipeError(f"{path}: not a readable PyTorch pickle (no data.pkl in the archive)") from None
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise GrokpipeError(f"{path}: not a readable PyTorch pickle ({exc})") from None
+
+    def persistent_load(pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
+            raise GrokpipeError(f"{path}: refused: the pickle declares a storage as {type(pid).__name__}")
+        _, storage_type, key, _location, numel = pid
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else getattr(storage_type, "dtype", None)
+        if not isinstance(dtype, torch.dtype) or not isinstance(numel, int) or numel < 0:
+            raise GrokpipeError(f"{path}: refused: storage {key!r} is declared as {numel!r} of {storage_type!r}")
+        claimed, held = numel * dtype.itemsize, records.get(str(key))
+        if held is None:
+            raise GrokpipeError(f"{path}: refused: storage {key!r} has no record in the archive")
+        if claimed > held:
+            raise GrokpipeError(f"{path}: refused: storage {key!r} claims {claimed} bytes but its record holds {held}")
+        meta = torch.UntypedStorage(claimed, device="meta")
+        return torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
+
+    try:
+        with torch.serialization.safe_globals(allowlist), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(pickled), encoding="utf-8")
+            unpickler.persistent_load = persistent_load
+            unpickler.load()
+    except GrokpipeError:
+        raise
+    except Exception as exc:  # weights-only unpickling cannot run code, so any failure is a bad file
+        raise refusal(path, exc, allowed) from None
 
 
 class _AllowlistUnpickler(pickle.Unpickler):

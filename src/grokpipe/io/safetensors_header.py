@@ -2,7 +2,8 @@
 
 The format: 8 bytes little-endian header length N, N bytes of JSON, then the tensor data. This
 reads only those 8 + N bytes and checks everything a hostile or damaged file could get wrong:
-N bounded and inside the file, valid UTF-8 JSON, known dtypes, non-negative shapes,
+a regular file (a FIFO is refused, not waited on), N bounded and inside the file, valid UTF-8
+JSON, known dtypes, non-negative shapes whose element count fits torch's int64 sizes,
 dtype size × shape = byte length, offsets contiguous from 0 to exactly the end of the file,
 no NUL in tensor names, no name given twice, no JSON nested past the recursion limit,
 ``__metadata__`` (when present) an object of strings.
@@ -13,11 +14,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .paths import kind_of
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+MAX_DIMENSION = 2**63 - 1  # torch sizes are int64: a larger dimension (even of an empty tensor) cannot be built
 
 DTYPE_SIZES = {
     "BOOL": 1,
@@ -64,8 +69,13 @@ def read_header(path: str | Path) -> Header:
     """Parse and validate the header of ``path``; raises HeaderError naming the problem."""
     path = Path(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fh:
+        # Non-blocking open, then fstat: a FIFO or device is refused without waiting on it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as fh:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise HeaderError(f"{kind_of(status.st_mode)}, not a regular file")
+            size = status.st_size
             prefix = fh.read(8)
             if len(prefix) < 8:
                 raise HeaderError(f"file is {size} bytes, too short for a safetensors header")
@@ -135,6 +145,8 @@ def _tensor_info(name: str, entry) -> TensorInfo:
         or offsets[0] > offsets[1]
     ):
         raise HeaderError(f"tensor {name!r}: data_offsets {offsets!r} are not [begin, end] with begin <= end")
+    if math.prod(d for d in shape if d) > MAX_DIMENSION:  # covers each dimension; zeros would hide it
+        raise HeaderError(f"tensor {name!r}: shape {shape!r} is larger than any tensor can be (2^63 elements)")
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if offsets[1] - offsets[0] != expected:
         raise HeaderError(

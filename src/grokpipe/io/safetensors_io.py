@@ -13,6 +13,7 @@ from .._version import __version__
 from ..config import RunSpec
 from ..errors import GrokpipeError
 from .atomic import write_bytes_atomic
+from .paths import regular_file
 
 
 def provenance(spec: RunSpec, epoch: int, kind: str, hooked_config: dict) -> dict[str, str]:
@@ -87,6 +88,7 @@ def write_verified_model_file(
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file, without reading tensor data."""
+    regular_file(path)  # a FIFO would block the reader
     try:
         with safe_open(str(path), framework="pt") as fh:
             return dict(fh.metadata() or {})
@@ -96,6 +98,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, on CPU."""
+    regular_file(path)
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as exc:

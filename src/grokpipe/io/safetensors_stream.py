@@ -64,6 +64,17 @@ def _converted(name: str, tensor: torch.Tensor, entry: TensorEntry, cast: torch.
     return tensor.to(output_dtype(entry, cast)).contiguous()
 
 
+def cast_changes(source: torch.Tensor, converted: torch.Tensor) -> dict[str, int]:
+    """What a cast to a narrower float lost: finite values that became ±inf, non-zero values that
+    became zero. Empty when nothing changed that way."""
+    if converted.dtype == source.dtype or not source.dtype.is_floating_point:
+        return {}
+    overflowed = int((torch.isfinite(source) & ~torch.isfinite(converted)).sum())
+    underflowed = int(((source != 0) & (converted == 0)).sum())
+    counts = {"overflowed_to_inf": overflowed, "underflowed_to_zero": underflowed}
+    return {key: value for key, value in counts.items() if value}
+
+
 def _in_order(entries: dict[str, TensorEntry], tensors: Iterator[tuple[str, torch.Tensor]]):
     expected = iter(entries.items())
     for name, tensor in tensors:
@@ -117,9 +128,15 @@ def write_streaming(
     cast: torch.dtype | None,
     metadata: dict[str, str],
     raw: dict[str, tuple[Path, int, int]] | None = None,
-) -> None:
+    *,
+    allow_overflow: bool = False,
+) -> dict[str, dict[str, int]]:
     """Write ``entries`` (bytes from ``tensors()``, or copied from ``raw`` ranges when nothing is
-    cast) to ``path`` crash-safely."""
+    cast) to ``path`` crash-safely.
+
+    Returns what the cast changed, per tensor (see :func:`cast_changes`). A value that overflows
+    to inf stops the write (GrokpipeError naming the tensor) unless ``allow_overflow``."""
+    changes: dict[str, dict[str, int]] = {}
     copy_raw = raw is not None and all(output_dtype(e, cast) == e.dtype for e in entries.values())
     with atomic_file(path) as fh:
         fh.write(header_bytes(entries, cast, metadata))
@@ -129,8 +146,18 @@ def write_streaming(
                 _copy_range(source, begin, end, fh.fileno())
         else:
             for name, tensor, entry in _in_order(entries, tensors()):
-                fh.write(_converted(name, tensor, entry, cast).reshape(-1).view(torch.uint8).numpy())
-                del tensor
+                converted = _converted(name, tensor, entry, cast)
+                changed = cast_changes(tensor, converted)
+                if changed.get("overflowed_to_inf") and not allow_overflow:
+                    raise GrokpipeError(
+                        f"{entry.file}: tensor {name!r}: {changed['overflowed_to_inf']} finite values overflow to "
+                        f"inf as {converted.dtype}; pass --allow-overflow to write them anyway"
+                    )
+                if changed:
+                    changes[name] = changed
+                fh.write(converted.reshape(-1).view(torch.uint8).numpy())
+                del tensor, converted
+    return changes
 
 
 REOPEN_BYTES = 64 << 20

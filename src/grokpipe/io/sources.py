@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import _TYPES as SAFETENSORS_DTYPES
 
 from ..errors import GrokpipeError
+from .paths import regular_file
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch dtype -> "F32"
 
@@ -72,9 +73,9 @@ def inside(root: Path, relative: object, what: str) -> Path:
     resolved, base = path.resolve(), root.resolve()
     if not resolved.is_relative_to(base):
         raise GrokpipeError(f"{what} names {relative!r}, a link that leaves the checkpoint directory {root}")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise GrokpipeError(f"{what} names {relative!r}, which is missing from {root}")
-    return path
+    return regular_file(path, root=root)
 
 
 def json_ready(value, depth: int = 0):
