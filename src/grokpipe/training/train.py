@@ -185,116 +185,89 @@ def train(
         return _train_locked(spec, Path(run_dir), device, threads, grokking_threshold, progress_bar, sweep_cell)
 
 
-def _train_locked(
-    spec: RunSpec,
-    run_dir: Path,
-    device: str,
-    threads: int,
-    threshold: float,
-    progress_bar: bool,
-    sweep_cell: dict | None,
-):
-    torch.set_num_threads(threads)
-    device = resolve_device(device)
-    layout = RunLayout(run_dir)
-    t = spec.training
-    for directory in (layout.root, layout.checkpoints_dir, layout.artifacts_dir, layout.resume_dir):
-        directory.mkdir(parents=True, exist_ok=True)
-        for stale in remove_stale_temporaries(directory):
-            log.info("removed temporary file left by an interrupted write: %s", stale)
+class RunWriter:
+    """One run's record as it trains, whatever trains it (alone, or stacked with others): its
+    directories, the resume decision, each epoch's losses, checkpoints and resume states, the
+    final model and metadata.json. The caller owns the model's parameters and the optimizer; the
+    writer reads ``model`` and ``optimizer`` when it writes and restores into them when it resumes.
+    """
 
-    split = make_split(
-        spec.prime, t.frac_train, t.data_seed, device, operation=spec.operation, label_noise=t.label_noise
-    )
-    model = training_model(spec, device)
-    unsupported = unsupported_reason(model.cfg) if t.implementation == "lean" else None
-    if unsupported:
-        log.info("%s: lean forward does not support this model (%s); using HookedTransformer", layout.name, unsupported)
-    implementation = "hooked_transformer" if unsupported else t.implementation
-    # The lean implementation takes AdamW's fused kernel (one pass over each parameter instead of
-    # a dozen list operations, ~2 % of a lean epoch at p = 113); hooked_transformer keeps the demo's
-    # default kernel, bit-exact.
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        betas=t.betas,
-        fused=implementation == "lean",
-    )
-    objective = objective_fn(model, implementation, (split.train_tokens, split.test_tokens), optimizer)
-    hooked_config = config_to_json(model.cfg)
+    def __init__(self, spec: RunSpec, run_dir: Path, split, threshold: float, sweep_cell: dict | None):
+        self.spec, self.t = spec, spec.training
+        self.layout = RunLayout(run_dir)
+        self.split, self.threshold, self.sweep_cell = split, threshold, sweep_cell
+        self.n_train, self.n_test = len(split.train_labels), len(split.test_labels)
 
-    loaded, why = resume.load(layout, spec.config_hash, t.num_epochs)
-    if loaded is not None:
-        gaps = _gaps(layout, loaded.progress, t.checkpoint_every)
-        if gaps:
-            # Only the latest state is kept, so the last intact point before a gap is the seeded
-            # initialisation: retraining from it reproduces every epoch bit for bit.
-            loaded, why = (
-                None,
-                (
-                    f"checkpoint(s) for epoch(s) {gaps} are missing or damaged; retraining from epoch 0 "
-                    "recomputes them (intact checkpoints are kept as they are)"
-                ),
-            )
-    if loaded is not None:
-        resume.restore(loaded, model, optimizer)
-        progress = loaded.progress
-        log.info("%s: %s", layout.name, why)
-    else:
-        if resume.exists(layout):
-            log.warning("%s: not resuming: %s", layout.name, why)
-            resume.clear(layout)
-        progress = resume.Progress()
-        log.info("%s: starting from epoch 0", layout.name)
-    _prune_checkpoints(layout, spec, keep_below=t.num_epochs)
-    # Keep the record consistent with the files that survive pruning.
-    progress.checkpoint_epochs = [e for e in progress.checkpoint_epochs if layout.checkpoint(e).exists()]
-    progress.files = {rel: sha for rel, sha in progress.files.items() if (layout.root / rel).exists()}
+    def prepare(self, model, optimizer, device: str, threads: int, implementation: str) -> None:
+        """Directories, stale temporaries, the resume state (restored into ``model`` and
+        ``optimizer`` when it can continue), pruning, config.json, and where training resumes."""
+        layout, t = self.layout, self.t
+        self.model, self.optimizer = model, optimizer
+        for directory in (layout.root, layout.checkpoints_dir, layout.artifacts_dir, layout.resume_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temporaries(directory):
+                log.info("removed temporary file left by an interrupted write: %s", stale)
+        self.hooked_config = config_to_json(model.cfg)
+        loaded, why = resume.load(layout, self.spec.config_hash, t.num_epochs)
+        if loaded is not None:
+            gaps = _gaps(layout, loaded.progress, t.checkpoint_every)
+            if gaps:
+                # Only the latest state is kept, so the last intact point before a gap is the seeded
+                # initialisation: retraining from it reproduces every epoch bit for bit.
+                loaded, why = (
+                    None,
+                    (
+                        f"checkpoint(s) for epoch(s) {gaps} are missing or damaged; retraining from epoch 0 "
+                        "recomputes them (intact checkpoints are kept as they are)"
+                    ),
+                )
+        if loaded is not None:
+            resume.restore(loaded, model, optimizer)
+            progress = loaded.progress
+            log.info("%s: %s", layout.name, why)
+        else:
+            if resume.exists(layout):
+                log.warning("%s: not resuming: %s", layout.name, why)
+                resume.clear(layout)
+            progress = resume.Progress()
+            log.info("%s: starting from epoch 0", layout.name)
+        _prune_checkpoints(layout, self.spec, keep_below=t.num_epochs)
+        # Keep the record consistent with the files that survive pruning.
+        progress.checkpoint_epochs = [e for e in progress.checkpoint_epochs if layout.checkpoint(e).exists()]
+        progress.files = {rel: sha for rel, sha in progress.files.items() if (layout.root / rel).exists()}
+        self.progress = progress
 
-    write_json_atomic(layout.config, _config_record(spec, hooked_config, sweep_cell))
+        write_json_atomic(layout.config, _config_record(self.spec, self.hooked_config, self.sweep_cell))
 
-    # The early-stopping rule may have changed since the run stopped: decide again from its losses.
-    rule = t.early_stopping
-    first_below = None if rule is None else grokking_epoch(progress.test_losses, rule["test_loss_below"])
-    stop_at = early_stop_epoch(first_below, rule, t.checkpoint_every)
-    progress.stopped_at_epoch = progress.epoch if stop_at is not None and stop_at <= progress.epoch else None
-    start = progress.epoch + 1
-    ended = progress.diverged_at_epoch is not None or progress.stopped_at_epoch is not None
-    last = progress.epoch if ended else t.num_epochs - 1
-    segment = _segment(start, device, threads, implementation)
-    if start <= last:
-        progress.segments.append(segment)
-    began = time.perf_counter()
-    bar = tqdm(
-        range(start, last + 1),
-        initial=start,
-        total=t.num_epochs,
-        desc=layout.name,
-        file=sys.stderr,
-        mininterval=2.0,
-        disable=not progress_bar,
-        ascii=True,
-    )
-    n_train, n_test = len(split.train_labels), len(split.test_labels)
-    for epoch in bar:
-        train_loss, train_correct = objective(split.train_tokens, split.train_labels)
-        train_loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        test_loss = test_accuracy = None
-        if is_eval_epoch(epoch, t):
-            with torch.inference_mode():
-                test_loss, test_correct = objective(split.test_tokens, split.test_labels)
-                test_loss, test_accuracy = test_loss.item(), round(test_correct.item() / n_test, 6)
-        train_value = train_loss.item()
+        # The early-stopping rule may have changed since the run stopped: decide again from its losses.
+        self.rule = t.early_stopping
+        rule = self.rule
+        self.first_below = None if rule is None else grokking_epoch(progress.test_losses, rule["test_loss_below"])
+        self.stop_at = early_stop_epoch(self.first_below, rule, t.checkpoint_every)
+        progress.stopped_at_epoch = (
+            progress.epoch if self.stop_at is not None and self.stop_at <= progress.epoch else None
+        )
+        self.start = progress.epoch + 1
+        ended = progress.diverged_at_epoch is not None or progress.stopped_at_epoch is not None
+        self.last = progress.epoch if ended else t.num_epochs - 1
+        self.segment = _segment(self.start, device, threads, implementation)
+        if self.start <= self.last:
+            progress.segments.append(self.segment)
+        self.began = time.perf_counter()
+
+    def record(self, epoch: int, train_value: float, train_correct: int, test_loss, test_correct) -> bool:
+        """The losses and accuracies of ``epoch`` (test ones None when not evaluated), then the
+        divergence and early-stopping rules, and the checkpoint when one is due. Returns whether
+        the run ends at this epoch."""
+        progress, t, layout = self.progress, self.t, self.layout
+        test_accuracy = None if test_loss is None else round(test_correct / self.n_test, 6)
         progress.train_losses.append(finite_or_none(train_value))
         progress.test_losses.append(None if test_loss is None else finite_or_none(test_loss))
         # accuracies of the weights the losses were computed on (train: before this epoch's step)
-        progress.train_accuracies.append(round(train_correct.item() / n_train, 6))
+        progress.train_accuracies.append(round(train_correct / self.n_train, 6))
         progress.test_accuracies.append(test_accuracy)
         progress.epoch = epoch
-        segment.update(last_epoch=epoch, seconds=round(time.perf_counter() - began, 3))
+        self.segment.update(last_epoch=epoch, seconds=round(time.perf_counter() - self.began, 3))
         diverged = not math.isfinite(train_value) or (test_loss is not None and not math.isfinite(test_loss))
         if diverged:
             # Divergence rule: the run stops after the first epoch with a non-finite loss. AdamW
@@ -307,28 +280,32 @@ def _train_locked(
                 train_value,
                 test_loss,
             )
-
-        if rule is not None and first_below is None and test_loss is not None and test_loss < rule["test_loss_below"]:
-            first_below = epoch
-            stop_at = early_stop_epoch(first_below, rule, t.checkpoint_every)
+        rule = self.rule
+        if (
+            rule is not None
+            and self.first_below is None
+            and test_loss is not None
+            and test_loss < rule["test_loss_below"]
+        ):
+            self.first_below = epoch
+            self.stop_at = early_stop_epoch(self.first_below, rule, t.checkpoint_every)
             log.info(
                 "%s: test loss below %g at epoch %d; stopping at epoch %d",
                 layout.name,
                 rule["test_loss_below"],
                 epoch,
-                stop_at,
+                self.stop_at,
             )
-        if epoch == stop_at:
+        if epoch == self.stop_at:
             progress.stopped_at_epoch = epoch  # before the resume state below records it
 
         if (epoch + 1) % t.checkpoint_every == 0:
             path = layout.checkpoint(epoch)
-            header = provenance(spec, epoch, "checkpoint", hooked_config)
-            progress.files[layout.relative(path)] = _write_checkpoint(path, model.state_dict(), header)
+            header = provenance(self.spec, epoch, "checkpoint", self.hooked_config)
+            progress.files[layout.relative(path)] = _write_checkpoint(path, self.model.state_dict(), header)
             if epoch not in progress.checkpoint_epochs:
                 progress.checkpoint_epochs.append(epoch)
-            resume.save(layout, model, optimizer, progress, spec.config_hash)
-            bar.set_postfix(train=f"{train_value:.3g}", test=f"{test_loss:.3g}")
+            resume.save(layout, self.model, self.optimizer, progress, self.spec.config_hash)
             log.info(
                 "epoch %d train_loss %.6g test_loss %.6g -> %s",
                 epoch,
@@ -336,31 +313,104 @@ def _train_locked(
                 test_loss,
                 layout.relative(path),
             )
-        if diverged or epoch == stop_at:
+        return diverged or epoch == self.stop_at
+
+    def finish(self) -> dict:
+        """The final resume state (when the last epoch was no checkpoint), the final model and
+        metadata.json; returns the metadata."""
+        progress, layout = self.progress, self.layout
+        final_epoch = progress.epoch
+        if (final_epoch + 1) % self.t.checkpoint_every != 0 and self.start <= final_epoch:
+            # The end of a run is a resume point too: growing num_epochs later continues from here.
+            resume.save(layout, self.model, self.optimizer, progress, self.spec.config_hash)
+        header = provenance(self.spec, final_epoch, "final", self.hooked_config)
+        final_data = serialize_state_dict(self.model.state_dict(), header)
+        progress.files[layout.relative(layout.final_model)] = write_bytes_atomic(layout.final_model, final_data)
+
+        metadata = _metadata_record(self.spec, progress, self.split, self.threshold, self.first_below)
+        write_json_atomic(layout.metadata, metadata)
+        log.info(
+            "%s: done, %d epochs, final train_loss %s test_loss %s, grokking epoch %s%s",
+            layout.name,
+            final_epoch + 1,
+            progress.train_losses[-1],
+            progress.test_losses[-1],
+            metadata["grokking_epoch"],
+            "" if progress.diverged_at_epoch is None else f", DIVERGED at epoch {progress.diverged_at_epoch}",
+        )
+        if progress.stopped_at_epoch is not None:
+            log.info("%s: %s", layout.name, metadata["stop_reason"])
+        return metadata
+
+
+def _train_locked(
+    spec: RunSpec,
+    run_dir: Path,
+    device: str,
+    threads: int,
+    threshold: float,
+    progress_bar: bool,
+    sweep_cell: dict | None,
+):
+    # setup
+    torch.set_num_threads(threads)
+    device = resolve_device(device)
+    t = spec.training
+    split = make_split(
+        spec.prime, t.frac_train, t.data_seed, device, operation=spec.operation, label_noise=t.label_noise
+    )
+    model = training_model(spec, device)
+    unsupported = unsupported_reason(model.cfg) if t.implementation == "lean" else None
+    if unsupported:
+        log.info(
+            "%s: lean forward does not support this model (%s); using HookedTransformer", run_dir.name, unsupported
+        )
+    implementation = "hooked_transformer" if unsupported else t.implementation
+    # The lean implementation takes AdamW's fused kernel (one pass over each parameter instead of
+    # a dozen list operations, ~2 % of a lean epoch at p = 113); hooked_transformer keeps the demo's
+    # default kernel, bit-exact.
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        betas=t.betas,
+        fused=implementation == "lean",
+    )
+    objective = objective_fn(model, implementation, (split.train_tokens, split.test_tokens), optimizer)
+    writer = RunWriter(spec, run_dir, split, threshold, sweep_cell)
+    writer.prepare(model, optimizer, device, threads, implementation)
+
+    # loop
+    bar = tqdm(
+        range(writer.start, writer.last + 1),
+        initial=writer.start,
+        total=t.num_epochs,
+        desc=writer.layout.name,
+        file=sys.stderr,
+        mininterval=2.0,
+        disable=not progress_bar,
+        ascii=True,
+    )
+    for epoch in bar:
+        train_loss, train_correct = objective(split.train_tokens, split.train_labels)
+        train_loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        test_loss = test_correct = None
+        if is_eval_epoch(epoch, t):
+            with torch.inference_mode():
+                test_loss, test_correct = objective(split.test_tokens, split.test_labels)
+                test_loss, test_correct = test_loss.item(), test_correct.item()
+        train_value = train_loss.item()
+        ended = writer.record(epoch, train_value, train_correct.item(), test_loss, test_correct)
+        if (epoch + 1) % t.checkpoint_every == 0:
+            bar.set_postfix(train=f"{train_value:.3g}", test=f"{test_loss:.3g}")
+        if ended:
             break
     bar.close()
 
-    final_epoch = progress.epoch
-    if (final_epoch + 1) % t.checkpoint_every != 0 and start <= final_epoch:
-        # The end of a run is a resume point too: growing num_epochs later continues from here.
-        resume.save(layout, model, optimizer, progress, spec.config_hash)
-    final_data = serialize_state_dict(model.state_dict(), provenance(spec, final_epoch, "final", hooked_config))
-    progress.files[layout.relative(layout.final_model)] = write_bytes_atomic(layout.final_model, final_data)
-
-    metadata = _metadata_record(spec, progress, split, threshold, first_below)
-    write_json_atomic(layout.metadata, metadata)
-    log.info(
-        "%s: done, %d epochs, final train_loss %s test_loss %s, grokking epoch %s%s",
-        layout.name,
-        final_epoch + 1,
-        progress.train_losses[-1],
-        progress.test_losses[-1],
-        metadata["grokking_epoch"],
-        "" if progress.diverged_at_epoch is None else f", DIVERGED at epoch {progress.diverged_at_epoch}",
-    )
-    if progress.stopped_at_epoch is not None:
-        log.info("%s: %s", layout.name, metadata["stop_reason"])
-    return metadata
+    # finish
+    return writer.finish()
 
 
 def _config_record(spec: RunSpec, hooked_config: dict, sweep_cell: dict | None) -> dict:
