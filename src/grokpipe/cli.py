@@ -39,7 +39,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _train_spec(args) -> tuple:
-    """(RunSpec, run_dir, device, threads, threshold) from --spec or --config."""
+    """([(RunSpec, run_dir), ...], device, threads, threshold, sweep_cell) from --spec or --config
+    (several runs with several --seed values)."""
     from .config import read_config_file, run_spec, validate_config
     from .layout import run_dir
     from .workflow import threads_per_run
@@ -51,29 +52,36 @@ def _train_spec(args) -> tuple:
             raise GrokpipeError(f"--spec is not valid JSON ({exc})") from None
         if not isinstance(raw, dict):
             raise GrokpipeError("--spec must be a JSON object")
-        prime, seed = raw.pop("prime", None), raw.pop("seed", None)
+        prime, seeds = raw.pop("prime", None), [raw.pop("seed", None)]
         sweep_cell = raw.pop("sweep_cell", None) or {}
         if not isinstance(sweep_cell, dict):
             raise GrokpipeError("--spec: sweep_cell must be a JSON object")
-        config = validate_config({**raw, "primes": [prime], "seeds": [seed]}, source="--spec")
+        config = validate_config({**raw, "primes": [prime], "seeds": seeds}, source="--spec")
         source = "--spec"
     else:
         config = validate_config(read_config_file(args.config), source=str(args.config))
-        prime, seed = args.prime, args.seed
-        if prime is None or seed is None:
+        prime, seeds = args.prime, args.seed
+        if prime is None or not seeds:
             raise GrokpipeError("--config needs --prime and --seed")
+        if len(set(seeds)) != len(seeds):
+            raise GrokpipeError("--seed: a seed is given twice")
         config, sweep_cell = _chosen_cell(config, args.cell, str(args.config))
-        # The chosen run is validated like a one-run grid of the same config.
-        config = validate_config({**config, "primes": [prime], "seeds": [seed]}, source=str(args.config))
+        # The chosen runs are validated like a grid of the same config.
+        config = validate_config({**config, "primes": [prime], "seeds": seeds}, source=str(args.config))
         source = str(args.config)
-    spec = run_spec(config, prime, seed)
-    out = Path(args.run_dir) if args.run_dir else run_dir(config["results_dir"], spec.model_name, prime, seed)
-    if out.name != spec.run_name:
-        raise GrokpipeError(f"{out}: a run directory must be named {spec.run_name} (from {source})")
+    if args.run_dir and len(seeds) > 1:
+        raise GrokpipeError("RUN_DIR names one run; with several --seed values the runs go to the config's results_dir")
+    runs = []
+    for seed in seeds:
+        spec = run_spec(config, prime, seed)
+        out = Path(args.run_dir) if args.run_dir else run_dir(config["results_dir"], spec.model_name, prime, seed)
+        if out.name != spec.run_name:
+            raise GrokpipeError(f"{out}: a run directory must be named {spec.run_name} (from {source})")
+        runs.append((spec, out))
     device = args.device or config["device"]
     threads = args.threads or threads_per_run(config["threads_per_run"], None, 1)
     threshold = args.grokking_threshold or config["grokking_threshold"]
-    return spec, out, device, threads, threshold, sweep_cell
+    return runs, device, threads, threshold, sweep_cell
 
 
 def _chosen_cell(config: dict, name: str | None, source: str) -> tuple[dict, dict]:
@@ -123,16 +131,16 @@ def cmd_train(args) -> int:
     # come every few hundred epochs; with transformers imported each rescans ~430,000 objects
     # (0.2 s, ~1 ms/epoch at p = 113). Frozen, they skip what the imports made.
     gc.freeze()
-    spec, out, device, threads, threshold, sweep_cell = _train_spec(args)
-    train(
-        spec,
-        out,
-        device=device,
-        threads=threads,
-        grokking_threshold=threshold,
-        progress_bar=not args.no_progress,
-        sweep_cell=sweep_cell,
-    )
+    runs, device, threads, threshold, sweep_cell = _train_spec(args)
+    options = dict(device=device, threads=threads, grokking_threshold=threshold, progress_bar=not args.no_progress)
+    if len(runs) == 1:
+        (spec, out), *_ = runs
+        train(spec, out, sweep_cell=sweep_cell, **options)
+    else:  # several seeds: one process, trained stacked
+        from .training.stacked import train_group
+
+        specs, outs = zip(*runs)
+        train_group(list(specs), list(outs), sweep_cells=[sweep_cell] * len(runs), **options)
     return 0
 
 
@@ -358,6 +366,7 @@ EXAMPLES = {
     "train": [
         "grokpipe train --config config/config.yaml --prime 31 --seed 0",
         "grokpipe train --config config/sweep.yaml --cell grokking-sub-wd0.3 --prime 31 --seed 0 --threads 2",
+        "grokpipe train --config config/config.yaml --prime 31 --seed 0 1 2 3",
     ],
     "convert": ["grokpipe convert old_runs/grokking.pth results/grokking/grokking_p113_seed999"],
     "consolidate": [
@@ -443,7 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", help="workflow config YAML (as config/config.yaml); needs --prime and --seed")
     src.add_argument("--spec", help="one run as JSON: model_name, prime, seed, training, model (what the rule passes)")
     p.add_argument("--prime", type=positive_int, help="with --config: the run's prime")
-    p.add_argument("--seed", type=non_negative_int, help="with --config: the run's seed")
+    p.add_argument(
+        "--seed",
+        type=non_negative_int,
+        nargs="+",
+        help="with --config: the run's seed; several seeds train together in this one process, stacked",
+    )
     p.add_argument("--cell", help="with --config of a sweep: the cell to train (its name, as in results/)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the config's device")
     p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: threads_per_run)")
