@@ -6,7 +6,9 @@ prints every job: ~10 s more at 10,000 runs):
 
 - the 1,000-run plain grid (20 primes x 50 seeds, no sweep: the workflow before sweeps existed);
 - a 1,000-run sweep (10 primes x 10 seeds x 10 cells: weight decay x learning rate);
-- a 10,000-run sweep (10 primes x 10 seeds x 100 cells: operation x weight decay x train fraction).
+- a 10,000-run sweep (10 primes x 10 seeds x 100 cells: operation x weight decay x train fraction),
+  one run per training job and 16 runs per job (runs_per_job: 16, the weight decays and seeds of
+  one shape share jobs).
 
 Usage: .venv/bin/python bench/bench_sweep_plan.py [--repeats 3]
 """
@@ -34,6 +36,16 @@ PRIMES = [n for n in range(5, 200) if is_prime(n)]
 
 def configs() -> dict[str, dict]:
     base = {"model_name": "bench", "training": {"num_epochs": 1000, "checkpoint_every": 100}, "model": MODEL}
+    sweep_10k = {
+        **base,
+        "primes": PRIMES[:10],
+        "seeds": list(range(10)),
+        "sweep": {
+            "task.operation": ["add", "sub", "mul", "div"],
+            "training.weight_decay": [0.03, 0.1, 0.3, 1.0, 3.0],
+            "training.frac_train": [0.2, 0.3, 0.4, 0.5, 0.6],
+        },
+    }
     return {
         "grid, 1,000 runs": {**base, "primes": PRIMES[:20], "seeds": list(range(50))},
         "sweep, 1,000 runs": {
@@ -42,16 +54,8 @@ def configs() -> dict[str, dict]:
             "seeds": list(range(10)),
             "sweep": {"training.weight_decay": [0.1, 0.3, 1.0, 3.0, 10.0], "training.lr": [3e-4, 1e-3]},
         },
-        "sweep, 10,000 runs": {
-            **base,
-            "primes": PRIMES[:10],
-            "seeds": list(range(10)),
-            "sweep": {
-                "task.operation": ["add", "sub", "mul", "div"],
-                "training.weight_decay": [0.03, 0.1, 0.3, 1.0, 3.0],
-                "training.frac_train": [0.2, 0.3, 0.4, 0.5, 0.6],
-            },
-        },
+        "sweep, 10,000 runs": sweep_10k,
+        "the same, 16 per job": {**sweep_10k, "runs_per_job": 16},
     }
 
 

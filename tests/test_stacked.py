@@ -16,10 +16,11 @@ from conftest import tiny_config, write_config
 import grokpipe
 from grokpipe.analysis.verify import verify_run
 from grokpipe.config import grid, validate_config
+from grokpipe.jobs import group_key
 from grokpipe.training.cross_entropy import cross_entropy_and_correct, stacked_cross_entropy_and_correct
 from grokpipe.training.data import make_split
 from grokpipe.training.model import training_model
-from grokpipe.training.stacked import StackedAdamW, group_key, stacked_logits, train_group
+from grokpipe.training.stacked import StackedAdamW, stacked_logits, train_group
 from grokpipe.training.train import train
 
 # Largest relative deviation of a member's losses from the lone run's (tiny model, p = 7): over the
@@ -259,3 +260,57 @@ def test_runs_of_different_shapes_are_refused(job):
     specs = specs_of(seeds=(0,)) + [with_training(specs_of(seeds=(1,))[0], frac_train=0.5)]
     with pytest.raises(grokpipe.GrokpipeError, match="must share prime, operation, model, data split and schedule"):
         train_group(specs, [job["root"] / "x" / s.run_name for s in specs])
+
+
+def test_workflow_trains_runs_of_one_shape_as_one_job(tmp_path):
+    """runs_per_job through Snakemake: two cells (lr) x two seeds share one job; every member is an
+    ordinary, verified run; changing one cell's lr trains a new job in which the unchanged
+    members resume at their end (their checkpoints untouched)."""
+    from conftest import jobs_planned, snakemake
+
+    config = tiny_config(primes=[7], seeds=[0, 1])
+    config.update(runs_per_job=4, sweep={"training.lr": [0.001, 0.003]})
+    configfile = write_config(tmp_path / "config.yaml", config)
+    planned = jobs_planned(snakemake(tmp_path, "-n", "--cores", "2", configfile=configfile))
+    assert planned.get("train_job") == 1 and "train" not in planned and planned["analyze"] == 4
+    snakemake(tmp_path, "--cores", "2", configfile=configfile)
+    (record,) = (tmp_path / "results" / "_jobs").glob("job-*.json")
+    members = [m["run_dir"] for m in json.loads(record.read_text())["members"]]
+    assert [m.split("/")[-1] for m in members] == [
+        "tiny-lr0.001_p7_seed0",
+        "tiny-lr0.001_p7_seed1",
+        "tiny-lr0.003_p7_seed0",
+        "tiny-lr0.003_p7_seed1",
+    ]
+    for member in members:
+        run = tmp_path / member
+        assert json.loads((run / "verify.json").read_text())["ok"]
+        assert grokpipe.load_metadata(run)["environment"]["segments"][0]["implementation"] == "stacked"
+    assert (tmp_path / "results" / "_sweeps" / "tiny" / "sweep.csv").exists()
+    again = snakemake(tmp_path, "-n", "--cores", "2", configfile=configfile)
+    assert "Nothing to be done" in again.stdout + again.stderr
+    kept = tmp_path / "results" / "tiny-lr0.001" / "tiny-lr0.001_p7_seed0"
+    before = file_hashes(kept)
+    config["sweep"] = {"training.lr": [0.001, 0.005]}
+    write_config(configfile, config)
+    snakemake(tmp_path, "--cores", "2", configfile=configfile)
+    assert file_hashes(kept) == before  # resumed at its end, not retrained
+    changed = tmp_path / "results" / "tiny-lr0.005" / "tiny-lr0.005_p7_seed1"
+    assert json.loads((changed / "verify.json").read_text())["ok"]
+
+
+def test_jobs_group_runs_of_one_shape_evenly_and_deterministically():
+    from grokpipe.jobs import train_jobs
+
+    specs = specs_of(seeds=range(10))
+    jobs = train_jobs(specs, 8)
+    assert [len(members) for members in jobs.values()] == [5, 5]  # even jobs, not 8 + 2
+    assert train_jobs(list(reversed(specs)), 8) == jobs  # names and members do not depend on order
+    other_lr = [with_training(s, lr=3e-3) for s in specs[:2]]
+    assert len(train_jobs(specs[:2] + [dataclasses.replace(s, model_name="tinylr") for s in other_lr], 4)) == 1
+    other_split = [dataclasses.replace(with_training(s, frac_train=0.5), model_name="tinyfrac") for s in specs[:2]]
+    assert [len(m) for m in train_jobs(specs[:2] + other_split, 4).values()] == [2, 2]  # shapes apart
+    assert train_jobs(specs, 1) == {}
+    assert [len(m) for m in train_jobs(specs, "auto").values()] == [3, 4, 3]  # p <= 13: up to 4 per job
+    larger = grid(validate_config(tiny_config(primes=[31], seeds=[0, 1, 2])))
+    assert train_jobs(larger, "auto") == {}  # at p = 31 a lone run is faster: each trains alone

@@ -45,6 +45,8 @@ def _train_spec(args) -> tuple:
     from .layout import run_dir
     from .workflow import threads_per_run
 
+    if args.specs is not None:
+        return _job_specs(args)
     if args.spec is not None:
         try:
             raw = json.loads(args.spec)
@@ -82,6 +84,37 @@ def _train_spec(args) -> tuple:
     threads = args.threads or threads_per_run(config["threads_per_run"], None, 1)
     threshold = args.grokking_threshold or config["grokking_threshold"]
     return runs, device, threads, threshold, sweep_cell
+
+
+def _job_specs(args) -> tuple:
+    """The members of a workflow job of several runs: ``--specs``, a JSON list of ``--spec``
+    objects, each with its ``run_dir``."""
+    from .config import run_spec, validate_config
+    from .workflow import threads_per_run
+
+    try:
+        members = json.loads(args.specs)
+    except ValueError as exc:
+        raise GrokpipeError(f"--specs is not valid JSON ({exc})") from None
+    if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
+        raise GrokpipeError("--specs must be a JSON list of run specs")
+    runs, cells = [], []
+    for index, raw in enumerate(members):
+        raw = dict(raw)
+        out, prime, seed = raw.pop("run_dir", None), raw.pop("prime", None), raw.pop("seed", None)
+        cell = raw.pop("sweep_cell", None) or {}
+        if not isinstance(out, str) or not isinstance(cell, dict):
+            raise GrokpipeError(f"--specs[{index}]: needs a run_dir string (and sweep_cell an object)")
+        config = validate_config({**raw, "primes": [prime], "seeds": [seed]}, source=f"--specs[{index}]")
+        spec = run_spec(config, prime, seed)
+        if Path(out).name != spec.run_name:
+            raise GrokpipeError(f"{out}: a run directory must be named {spec.run_name} (from --specs[{index}])")
+        runs.append((spec, Path(out)))
+        cells.append(cell)
+    device = args.device or config["device"]
+    threads = args.threads or threads_per_run(config["threads_per_run"], None, 1)
+    threshold = args.grokking_threshold or config["grokking_threshold"]
+    return runs, device, threads, threshold, cells
 
 
 def _chosen_cell(config: dict, name: str | None, source: str) -> tuple[dict, dict]:
@@ -131,16 +164,23 @@ def cmd_train(args) -> int:
     # come every few hundred epochs; with transformers imported each rescans ~430,000 objects
     # (0.2 s, ~1 ms/epoch at p = 113). Frozen, they skip what the imports made.
     gc.freeze()
-    runs, device, threads, threshold, sweep_cell = _train_spec(args)
+    runs, device, threads, threshold, cells = _train_spec(args)
+    cells = cells if isinstance(cells, list) else [cells] * len(runs)
     options = dict(device=device, threads=threads, grokking_threshold=threshold, progress_bar=not args.no_progress)
     if len(runs) == 1:
         (spec, out), *_ = runs
-        train(spec, out, sweep_cell=sweep_cell, **options)
-    else:  # several seeds: one process, trained stacked
+        train(spec, out, sweep_cell=cells[0], **options)
+    else:  # several runs: one process, trained stacked
         from .training.stacked import train_group
 
         specs, outs = zip(*runs)
-        train_group(list(specs), list(outs), sweep_cells=[sweep_cell] * len(runs), **options)
+        train_group(list(specs), list(outs), sweep_cells=cells, **options)
+    if args.record:
+        from .io.atomic import sha256_file, write_json_atomic
+        from .layout import RunLayout
+
+        members = [{"run_dir": str(out), "metadata_sha256": sha256_file(RunLayout(out).metadata)} for _, out in runs]
+        write_json_atomic(args.record, {"runs_per_job": len(runs), "members": members})
     return 0
 
 
@@ -451,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="workflow config YAML (as config/config.yaml); needs --prime and --seed")
     src.add_argument("--spec", help="one run as JSON: model_name, prime, seed, training, model (what the rule passes)")
+    src.add_argument("--specs", help="several runs of one shape as a JSON list of --spec objects with run_dir (a job)")
     p.add_argument("--prime", type=positive_int, help="with --config: the run's prime")
     p.add_argument(
         "--seed",
@@ -463,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: threads_per_run)")
     p.add_argument("--grokking-threshold", type=positive_float, help="default: the config's grokking_threshold")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--record", help="also write the trained runs and their metadata.json hashes as JSON to this file")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("convert", help="convert a legacy grokking pickle (.pth) into a run directory, safely")

@@ -57,6 +57,17 @@ def train_spec_json(
     return json.dumps(spec, sort_keys=True)
 
 
+def job_specs_json(members: list[tuple]) -> str:
+    """``grokpipe train --specs`` JSON of a job's members: each (config of its cell, model_name,
+    prime, seed, sweep cell values, run directory) as :func:`train_spec_json` gives it, plus
+    ``run_dir``."""
+    specs = []
+    for config, model_name, prime, seed, sweep_cell, run_dir in members:
+        spec = json.loads(train_spec_json(config, model_name, prime, seed, sweep_cell))
+        specs.append({**spec, "run_dir": run_dir.rstrip("/")})
+    return json.dumps(specs, sort_keys=True)
+
+
 def name_pattern(names: Iterable[str]) -> str:
     """A wildcard constraint matching exactly these names (never matching when there are none)."""
     names = sorted(names)

@@ -27,9 +27,7 @@ ANALYSIS_OUTPUTS = {
 
 rule analyze:
     input:
-        model=f"{RUN}/{{model_name}}_p{{prime}}_seed{{seed}}.safetensors",
-        config=f"{RUN}/config.json",
-        metadata=f"{RUN}/metadata.json",
+        unpack(trained_inputs),
     output:
         **PROGRESS_OUTPUTS,
         **ANALYSIS_OUTPUTS,

@@ -9,15 +9,18 @@ from snakemake.utils import validate
 
 from grokpipe.config import (
     ConfigError,
+    run_spec,
     check_semantics,
     describe_validation_failure,
     progress_unsupported_reason,
 )
 from grokpipe.errors import GrokpipeError
 from grokpipe.io.detect import holds_checkpoint_dirs
+from grokpipe.jobs import train_jobs
 from grokpipe.layout import RUN_DIR_RE
 from grokpipe.sweep import cells_by_name
 from grokpipe.workflow import (
+    job_specs_json,
     name_pattern,
     threads_per_run,
     train_spec_json,
@@ -113,15 +116,79 @@ def runs():
     return sorted(set(grid + legacy_runs()))
 
 
+@functools.cache
+def jobs():
+    """Training jobs of several runs (runs_per_job > 1): job name -> member runs
+    (model_name, prime, seed). Runs in no job train alone (rule train)."""
+    if config["runs_per_job"] == 1:
+        return {}
+    specs = [
+        run_spec(CELLS[name].config, int(prime), int(seed), model_name=name)
+        for name, prime, seed in runs()
+        if name in CELLS and (name, prime, seed) not in LEGACY_RUNS
+    ]
+    found = train_jobs(specs, config["runs_per_job"])
+    return {
+        job: [(s.model_name, str(s.prime), str(s.seed)) for s in members]
+        for job, members in found.items()
+    }
+
+
+@functools.cache
+def job_of_run():
+    return {run: job for job, members in jobs().items() for run in members}
+
+
+def trained_inputs(wildcards):
+    """What a run's analysis, progress and export jobs wait for: the run's training outputs, or
+    the record of the job of several runs it trained in."""
+    run = (wildcards.model_name, wildcards.prime, wildcards.seed)
+    return trained_files(run)
+
+
+def trained_files(run):
+    job = job_of_run().get(run)
+    if job is not None:
+        return {"job": f"{RESULTS}/_jobs/{job}.json"}
+    model_name, prime, seed = run
+    return {
+        "model": run_file(run, f"{model_name}_p{prime}_seed{seed}.safetensors"),
+        "config": run_file(run, "config.json"),
+        "metadata": run_file(run, "metadata.json"),
+    }
+
+
+def job_specs(wildcards):
+    """The members of a job of several runs as `grokpipe train --specs` JSON (a params value:
+    changing a member's settings reruns the job, whose unchanged members resume at their end).
+    """
+    members = jobs()[wildcards.job]
+    return job_specs_json(
+        [
+            (
+                CELLS[name].config,
+                name,
+                prime,
+                seed,
+                CELLS[name].settings,
+                run_file((name, prime, seed), ""),
+            )
+            for name, prime, seed in members
+        ]
+    )
+
+
 def train_threads():
-    """Threads of each training job (threads_per_run, ``auto`` resolved against --cores). A cluster
-    executor has no local core budget (--jobs instead of --cores): the profile's set-threads decide.
+    """Threads of each training job (threads_per_run, ``auto`` resolved against --cores and the
+    number of training jobs: lone runs plus jobs of several runs). A cluster executor has no local
+    core budget (--jobs instead of --cores): the profile's set-threads decide.
     """
     try:
         cores = workflow.cores
     except WorkflowError:
         cores = None
-    return threads_per_run(config["threads_per_run"], cores, len(runs()))
+    grouped = sum(len(members) for members in jobs().values())
+    return threads_per_run(config["threads_per_run"], cores, len(runs()) - grouped + len(jobs()))
 
 
 def run_file(run, name):
@@ -170,26 +237,30 @@ def run_outputs(run):
     """The files `all` asks for per run. Snakemake remakes a missing file only if a job that
     must run needs it or it is asked for here, not when it is an up-to-date job's input.
     """
-    names = ["metadata.json", "verify.json", "artifacts/loss_curves.png"]
+    names = ["verify.json", "artifacts/loss_curves.png"]
     if has_progress(run):
         names.append("artifacts/progress_measures.csv")
     names += [f"exports/{which}.json" for which in config["export"]]
-    return [run_file(run, name) for name in names]
+    trained = trained_files(run)
+    return [trained.get("metadata", trained.get("job"))] + [
+        run_file(run, n) for n in names
+    ]
 
 
 def runs_of_model(wildcards):
-    """metadata.json (and progress measures) of every run of one model: its grid summary's input."""
+    """Training outputs (and progress measures) of every run of one model: its summary's input."""
     files = []
     for run in runs():
         if run[0] == wildcards.model_name:
-            files.append(run_file(run, "metadata.json"))
+            trained = trained_files(run)
+            files.append(trained.get("metadata", trained.get("job")))
             if has_progress(run):
                 files.append(run_file(run, "artifacts/progress_measures.csv"))
-    return files
+    return sorted(set(files))
 
 
-def run_dirs_of(wildcards, input):
-    return [os.path.dirname(path) for path in input if path.endswith("metadata.json")]
+def run_dirs_of(wildcards):
+    return [run_file(run, "")[:-1] for run in runs() if run[0] == wildcards.model_name]
 
 
 @functools.cache
@@ -215,8 +286,9 @@ def consolidate_dtype_flag():
 
 
 def sweep_inputs(wildcards):
-    """metadata.json of every run of the sweep: its report's input."""
-    return [run_file(run, "metadata.json") for run in runs() if run[0] in CELLS]
+    """Training outputs of every run of the sweep: its report's input."""
+    trained = [trained_files(run) for run in runs() if run[0] in CELLS]
+    return sorted({files.get("metadata", files.get("job")) for files in trained})
 
 
 def sweep_config_json(wildcards):

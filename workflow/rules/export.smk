@@ -5,7 +5,7 @@
 
 rule export:
     input:
-        metadata=f"{RUN}/metadata.json",
+        unpack(trained_inputs),
         verify=f"{RUN}/verify.json",
     output:
         f"{RUN}/exports/{{which}}.json",

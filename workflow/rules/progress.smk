@@ -18,9 +18,7 @@ PROGRESS_OUTPUTS = dict(
 
 rule progress:
     input:
-        model=f"{RUN}/{{model_name}}_p{{prime}}_seed{{seed}}.safetensors",
-        config=f"{RUN}/config.json",
-        metadata=f"{RUN}/metadata.json",
+        unpack(trained_inputs),
     output:
         **PROGRESS_OUTPUTS,
     log:

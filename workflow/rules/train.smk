@@ -25,3 +25,30 @@ rule train:
     shell:
         "grokpipe train {params.run_dir:q} --spec {params.spec:q} --device {params.device}"
         " --threads {threads} --grokking-threshold {params.grokking_threshold} 2> {log:q}"
+
+
+# Several runs of one shape in one process (config key runs_per_job): one job trains its members
+# stacked and writes each one's run directory as rule train does; its record names them. A run's
+# analysis waits for the record (trained_inputs), so the members' files are nobody's declared
+# output: Snakemake never deletes them, and a killed job resumes every member.
+rule train_job:
+    output:
+        f"{RESULTS}/_jobs/{{job}}.json",
+    log:
+        "logs/_jobs/{job}.log",
+    benchmark:
+        "benchmarks/_jobs/{job}.tsv"
+    wildcard_constraints:
+        job=r"job-[0-9a-f]{12}",
+    conda:
+        CONDA_ENV
+    threads: train_threads()
+    resources:
+        **({"gpu": 1} if config["device"] == "cuda" else {}),
+    params:
+        specs=job_specs,
+        device=config["device"],
+        grokking_threshold=config["grokking_threshold"],
+    shell:
+        "grokpipe train --specs {params.specs:q} --device {params.device} --threads {threads}"
+        " --grokking-threshold {params.grokking_threshold} --record {output:q} 2> {log:q}"

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from ..config import RunSpec
 from ..errors import GrokpipeError
+from ..jobs import group_key
 from ..writer_lock import writer_lock
 from .cross_entropy import stacked_cross_entropy_and_correct
 from .data import make_split
@@ -50,18 +51,6 @@ from .train import RunWriter, is_eval_epoch
 log = logging.getLogger(__name__)
 
 EPS = 1e-8  # torch.optim.AdamW's default, which lone runs use
-
-
-def group_key(spec: RunSpec) -> str:
-    """What members of one stack must share: everything but the seed and AdamW's settings."""
-    import json
-
-    t = spec.training.to_dict()
-    for varying in ("lr", "weight_decay", "betas", "early_stopping"):
-        t.pop(varying, None)
-    return json.dumps(
-        {"prime": spec.prime, "operation": spec.operation, "model": spec.model, "training": t}, sort_keys=True
-    )
 
 
 def stack_unsupported_reason(model) -> str | None:
