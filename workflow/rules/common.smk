@@ -188,7 +188,9 @@ def train_threads():
     except WorkflowError:
         cores = None
     grouped = sum(len(members) for members in jobs().values())
-    return threads_per_run(config["threads_per_run"], cores, len(runs()) - grouped + len(jobs()))
+    return threads_per_run(
+        config["threads_per_run"], cores, len(runs()) - grouped + len(jobs())
+    )
 
 
 def run_file(run, name):
