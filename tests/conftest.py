@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny configs, a Snakemake runner, and one trained tiny grid per session."""
+"""Shared fixtures: tiny configs, a Snakemake runner, and one trained tiny grid per pytest run."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def grokpipe_cli(*args: str, timeout: int = 600, cwd=None):
 
 @pytest.fixture(scope="session")
 def trained_grid(tmp_path_factory):
-    """A tiny 2-prime x 2-seed grid trained through Snakemake once for the whole session."""
+    """A tiny 2-prime x 2-seed grid trained through Snakemake once per pytest run."""
     workdir = tmp_path_factory.mktemp("grid")
     configfile = write_config(workdir / "config.yaml", tiny_config())
     proc = snakemake(workdir, "--cores", "2", configfile=configfile)

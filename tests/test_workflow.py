@@ -94,7 +94,7 @@ def test_a_deleted_output_is_made_again(trained_grid, tmp_path, name):
     try:
         proc = snakemake(trained_grid["workdir"], "-n", "--cores", "1", configfile=trained_grid["configfile"])
     finally:
-        (tmp_path / "kept").rename(path)  # the session's grid as it was (same mtime)
+        (tmp_path / "kept").rename(path)  # the shared grid as it was (same mtime)
     expected = {"analyze": 1, "summarize": 1, "all": 1}
     if name == "metadata.json":  # the run resumes after its last epoch and writes it again
         expected["train"] = 1

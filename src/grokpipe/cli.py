@@ -39,27 +39,16 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _train_spec(args) -> tuple:
-    """([(RunSpec, run_dir), ...], device, threads, threshold, sweep_cell) from --spec or --config
-    (several runs with several --seed values)."""
+    """([(RunSpec, run_dir), ...], device, threads, threshold, [sweep cell per run]) from --spec,
+    --specs or --config (several runs with several --seed values)."""
     from .config import read_config_file, run_spec, validate_config
     from .layout import run_dir
-    from .workflow import threads_per_run
 
     if args.specs is not None:
         return _job_specs(args)
     if args.spec is not None:
-        try:
-            raw = json.loads(args.spec)
-        except ValueError as exc:
-            raise GrokpipeError(f"--spec is not valid JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise GrokpipeError("--spec must be a JSON object")
-        prime, seeds = raw.pop("prime", None), [raw.pop("seed", None)]
-        sweep_cell = raw.pop("sweep_cell", None) or {}
-        if not isinstance(sweep_cell, dict):
-            raise GrokpipeError("--spec: sweep_cell must be a JSON object")
-        config = validate_config({**raw, "primes": [prime], "seeds": seeds}, source="--spec")
-        source = "--spec"
+        config, prime, seed, sweep_cell = _spec_object(_json_argument(args.spec, "--spec"), "--spec")
+        seeds, source = [seed], "--spec"
     else:
         config = validate_config(read_config_file(args.config), source=str(args.config))
         prime, seeds = args.prime, args.seed
@@ -80,41 +69,60 @@ def _train_spec(args) -> tuple:
         if out.name != spec.run_name:
             raise GrokpipeError(f"{out}: a run directory must be named {spec.run_name} (from {source})")
         runs.append((spec, out))
+    return (runs, *_run_options(args, config), [sweep_cell] * len(runs))
+
+
+def _json_argument(text: str, flag: str):
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise GrokpipeError(f"{flag} is not valid JSON ({exc})") from None
+
+
+def _spec_object(raw, source: str) -> tuple[dict, int, int, dict]:
+    """(validated one-run config, prime, seed, sweep cell) of a ``--spec`` object."""
+    from .config import validate_config
+
+    if not isinstance(raw, dict):
+        raise GrokpipeError(f"{source} must be a JSON object")
+    raw = dict(raw)
+    prime, seed = raw.pop("prime", None), raw.pop("seed", None)
+    sweep_cell = raw.pop("sweep_cell", None) or {}
+    if not isinstance(sweep_cell, dict):
+        raise GrokpipeError(f"{source}: sweep_cell must be a JSON object")
+    return validate_config({**raw, "primes": [prime], "seeds": [seed]}, source=source), prime, seed, sweep_cell
+
+
+def _run_options(args, config: dict) -> tuple[str, int, float]:
+    """(device, threads, grokking threshold): the flags, else the config's."""
+    from .workflow import threads_per_run
+
     device = args.device or config["device"]
     threads = args.threads or threads_per_run(config["threads_per_run"], None, 1)
-    threshold = args.grokking_threshold or config["grokking_threshold"]
-    return runs, device, threads, threshold, sweep_cell
+    return device, threads, args.grokking_threshold or config["grokking_threshold"]
 
 
 def _job_specs(args) -> tuple:
     """The members of a workflow job of several runs: ``--specs``, a JSON list of ``--spec``
     objects, each with its ``run_dir``."""
-    from .config import run_spec, validate_config
-    from .workflow import threads_per_run
+    from .config import run_spec
 
-    try:
-        members = json.loads(args.specs)
-    except ValueError as exc:
-        raise GrokpipeError(f"--specs is not valid JSON ({exc})") from None
-    if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
+    members = _json_argument(args.specs, "--specs")
+    if not isinstance(members, list) or not members:
         raise GrokpipeError("--specs must be a JSON list of run specs")
     runs, cells = [], []
     for index, raw in enumerate(members):
-        raw = dict(raw)
-        out, prime, seed = raw.pop("run_dir", None), raw.pop("prime", None), raw.pop("seed", None)
-        cell = raw.pop("sweep_cell", None) or {}
-        if not isinstance(out, str) or not isinstance(cell, dict):
-            raise GrokpipeError(f"--specs[{index}]: needs a run_dir string (and sweep_cell an object)")
-        config = validate_config({**raw, "primes": [prime], "seeds": [seed]}, source=f"--specs[{index}]")
+        source = f"--specs[{index}]"
+        out = raw.pop("run_dir", None) if isinstance(raw, dict) else None
+        if not isinstance(out, str):
+            raise GrokpipeError(f"{source}: needs a run_dir string")
+        config, prime, seed, cell = _spec_object(raw, source)
         spec = run_spec(config, prime, seed)
         if Path(out).name != spec.run_name:
-            raise GrokpipeError(f"{out}: a run directory must be named {spec.run_name} (from --specs[{index}])")
+            raise GrokpipeError(f"{out}: a run directory must be named {spec.run_name} (from {source})")
         runs.append((spec, Path(out)))
         cells.append(cell)
-    device = args.device or config["device"]
-    threads = args.threads or threads_per_run(config["threads_per_run"], None, 1)
-    threshold = args.grokking_threshold or config["grokking_threshold"]
-    return runs, device, threads, threshold, cells
+    return (runs, *_run_options(args, config), cells)
 
 
 def _chosen_cell(config: dict, name: str | None, source: str) -> tuple[dict, dict]:
@@ -165,7 +173,6 @@ def cmd_train(args) -> int:
     # (0.2 s, ~1 ms/epoch at p = 113). Frozen, they skip what the imports made.
     gc.freeze()
     runs, device, threads, threshold, cells = _train_spec(args)
-    cells = cells if isinstance(cells, list) else [cells] * len(runs)
     options = dict(device=device, threads=threads, grokking_threshold=threshold, progress_bar=not args.no_progress)
     if len(runs) == 1:
         (spec, out), *_ = runs

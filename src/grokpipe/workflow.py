@@ -43,28 +43,34 @@ def tune_gc_for_large_dags() -> None:
     gc.set_threshold(10_000, *gc.get_threshold()[1:])
 
 
-def train_spec_json(
+def _train_spec(
     config: dict, model_name: str, prime: str | int, seed: str | int, sweep_cell: dict | None = None
-) -> str:
-    """The run spec handed to ``grokpipe train --spec`` (``config``: the run's cell's; ``sweep_cell``:
-    its axis values, recorded in config.json); changing it makes Snakemake rerun the run."""
+) -> dict:
+    """One run's spec as ``grokpipe train`` takes it (``config``: the run's cell's; ``sweep_cell``:
+    its axis values, recorded in config.json)."""
     prime = int(prime)
     if prime < 5 or not is_prime(prime):
         raise GrokpipeError(f"{model_name}_p{prime}_seed{seed}: p = {prime} is not a prime >= 5")
     spec = run_spec(config, prime, int(seed), model_name=model_name).to_dict()
     if sweep_cell:
         spec["sweep_cell"] = sweep_cell
-    return json.dumps(spec, sort_keys=True)
+    return spec
+
+
+def train_spec_json(
+    config: dict, model_name: str, prime: str | int, seed: str | int, sweep_cell: dict | None = None
+) -> str:
+    """The run spec handed to ``grokpipe train --spec``; changing it makes Snakemake rerun the run."""
+    return json.dumps(_train_spec(config, model_name, prime, seed, sweep_cell), sort_keys=True)
 
 
 def job_specs_json(members: list[tuple]) -> str:
     """``grokpipe train --specs`` JSON of a job's members: each (config of its cell, model_name,
-    prime, seed, sweep cell values, run directory) as :func:`train_spec_json` gives it, plus
-    ``run_dir``."""
-    specs = []
-    for config, model_name, prime, seed, sweep_cell, run_dir in members:
-        spec = json.loads(train_spec_json(config, model_name, prime, seed, sweep_cell))
-        specs.append({**spec, "run_dir": run_dir.rstrip("/")})
+    prime, seed, sweep cell values, run directory) as ``--spec`` gives it, plus ``run_dir``."""
+    specs = [
+        {**_train_spec(config, model_name, prime, seed, sweep_cell), "run_dir": run_dir.rstrip("/")}
+        for config, model_name, prime, seed, sweep_cell, run_dir in members
+    ]
     return json.dumps(specs, sort_keys=True)
 
 

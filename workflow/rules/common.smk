@@ -158,6 +158,12 @@ def trained_files(run):
     }
 
 
+def trained_marker(run):
+    """The one file that says a run is trained: its metadata.json, or its job's record."""
+    trained = trained_files(run)
+    return trained.get("metadata", trained.get("job"))
+
+
 def job_specs(wildcards):
     """The members of a job of several runs as `grokpipe train --specs` JSON (a params value:
     changing a member's settings reruns the job, whose unchanged members resume at their end).
@@ -243,10 +249,7 @@ def run_outputs(run):
     if has_progress(run):
         names.append("artifacts/progress_measures.csv")
     names += [f"exports/{which}.json" for which in config["export"]]
-    trained = trained_files(run)
-    return [trained.get("metadata", trained.get("job"))] + [
-        run_file(run, n) for n in names
-    ]
+    return [trained_marker(run)] + [run_file(run, n) for n in names]
 
 
 def runs_of_model(wildcards):
@@ -254,8 +257,7 @@ def runs_of_model(wildcards):
     files = []
     for run in runs():
         if run[0] == wildcards.model_name:
-            trained = trained_files(run)
-            files.append(trained.get("metadata", trained.get("job")))
+            files.append(trained_marker(run))
             if has_progress(run):
                 files.append(run_file(run, "artifacts/progress_measures.csv"))
     return sorted(set(files))
@@ -289,8 +291,7 @@ def consolidate_dtype_flag():
 
 def sweep_inputs(wildcards):
     """Training outputs of every run of the sweep: its report's input."""
-    trained = [trained_files(run) for run in runs() if run[0] in CELLS]
-    return sorted({files.get("metadata", files.get("job")) for files in trained})
+    return sorted({trained_marker(run) for run in runs() if run[0] in CELLS})
 
 
 def sweep_config_json(wildcards):

@@ -39,27 +39,27 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels):
+        # logits (..., N, V): one run (N, V) or R stacked runs (R, N, V); labels (N,) shared by all
         top = logits.amax(dim=-1, keepdim=True)
         # Terms below e^-87 of the top (subnormal exponentials, ~100x slower to compute and add on
         # Intel CPUs) are exactly 0. Each sum includes the top's 1, so a loss moves by < 113·e^-87.
         exps = F.threshold_(logits - top, SUBNORMAL_EXPONENT, -math.inf).exp_()
-        at_label = labels[:, None]
-        label_exp = exps.gather(1, at_label)[:, 0]
-        others = exps.scatter_(1, at_label, 0.0).sum(dim=-1).double()
+        at_label = labels.expand(logits.shape[:-1]).unsqueeze(-1)
+        label_exp = exps.gather(-1, at_label)[..., 0]
+        others = exps.scatter_(-1, at_label, 0.0).sum(dim=-1).double()
         sums = label_exp.double() + others
-        picked = logits.gather(1, at_label)[:, 0]
-        correct = (picked >= top[:, 0]).sum()
+        picked = logits.gather(-1, at_label)[..., 0]
+        correct = (picked >= top[..., 0]).sum(dim=-1)
         ctx.mark_non_differentiable(correct)
-        ctx.save_for_backward(exps, sums, others, labels)
-        return ((top[:, 0] - picked).double() + sums.log()).mean(), correct
+        ctx.save_for_backward(exps, sums, others, at_label)
+        return ((top[..., 0] - picked).double() + sums.log()).mean(dim=-1), correct
 
     @staticmethod
     def backward(ctx, grad, _):
-        exps, sums, others, labels = ctx.saved_tensors
-        scale = grad / len(exps)
-        rows = torch.arange(len(exps), device=exps.device)
-        grad_logits = exps.mul_((scale / sums).to(exps.dtype)[:, None])  # softmax × scale, 0 at the label
-        grad_logits[rows, labels] = (-(others / sums) * scale).to(exps.dtype)
+        exps, sums, others, at_label = ctx.saved_tensors
+        scale = grad[..., None] / exps.shape[-2]  # each run's mean over its N examples
+        grad_logits = exps.mul_((scale / sums).to(exps.dtype)[..., None])  # softmax × scale, 0 at the label
+        grad_logits.scatter_(-1, at_label, (-(others / sums) * scale).to(exps.dtype)[..., None])
         return flush_subnormal_(grad_logits), None
 
 
@@ -78,33 +78,7 @@ def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.gather(1, labels[:, None])[:, 0] >= logits.amax(dim=-1)).sum()
 
 
-class _StackedCrossEntropy(torch.autograd.Function):
-    """:class:`_CrossEntropy` for R runs at once: logits (R, N, V), labels (N,) shared by every
-    run; returns each run's mean loss (R,) and correct count (R,). The same arithmetic per run."""
-
-    @staticmethod
-    def forward(ctx, logits, labels):
-        top = logits.amax(dim=-1, keepdim=True)
-        exps = F.threshold_(logits - top, SUBNORMAL_EXPONENT, -math.inf).exp_()
-        at_label = labels[None, :, None].expand(logits.shape[0], -1, 1)
-        label_exp = exps.gather(2, at_label)[..., 0]
-        others = exps.scatter_(2, at_label, 0.0).sum(dim=-1).double()
-        sums = label_exp.double() + others
-        picked = logits.gather(2, at_label)[..., 0]
-        correct = (picked >= top[..., 0]).sum(dim=-1)
-        ctx.mark_non_differentiable(correct)
-        ctx.save_for_backward(exps, sums, others, at_label)
-        return ((top[..., 0] - picked).double() + sums.log()).mean(dim=-1), correct
-
-    @staticmethod
-    def backward(ctx, grad, _):
-        exps, sums, others, at_label = ctx.saved_tensors
-        scale = (grad / exps.shape[1])[:, None]  # (R, 1): each run's mean over its N examples
-        grad_logits = exps.mul_((scale / sums).to(exps.dtype)[..., None])  # softmax × scale, 0 at the label
-        grad_logits.scatter_(2, at_label, (-(others / sums) * scale).to(exps.dtype)[..., None])
-        return flush_subnormal_(grad_logits), None
-
-
 def stacked_cross_entropy_and_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-run lean losses (R,) and correct counts (R,) of stacked logits (R, N, V)."""
-    return _StackedCrossEntropy.apply(logits, labels)
+    """Per-run lean losses (R,) and correct counts (R,) of stacked logits (R, N, V): the same
+    function as :func:`cross_entropy_and_correct`, over a leading run dimension."""
+    return _CrossEntropy.apply(logits, labels)

@@ -28,7 +28,6 @@ the tests).
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 from contextlib import ExitStack
@@ -47,8 +46,6 @@ from .folded import ACTIVATIONS
 from .lean_forward import unsupported_reason
 from .model import resolve_device, training_model
 from .train import RunWriter, is_eval_epoch
-
-log = logging.getLogger(__name__)
 
 EPS = 1e-8  # torch.optim.AdamW's default, which lone runs use
 
@@ -249,7 +246,8 @@ def _train_cohort(writers: list[RunWriter], split, cfg, progress_bar: bool) -> N
                 ended.append(index)
         if ended:
             for index in ended:
-                stack.unstack(index)
+                if not checkpoint:  # at a checkpoint every member was unstacked above
+                    stack.unstack(index)
                 active[index].finish()
             active = [w for i, w in enumerate(active) if i not in ended]
             if not active:
@@ -333,11 +331,5 @@ def _train_group_locked(specs, run_dirs, device, threads, threshold, progress_ba
     for start in sorted(cohorts):
         _train_cohort(cohorts[start], split, cfg, progress_bar)
 
-    # finish
-    return [_read_metadata(writer) for writer in writers]
-
-
-def _read_metadata(writer: RunWriter) -> dict:
-    from ..loading import load_metadata
-
-    return load_metadata(writer.layout.root)
+    # finish (each member's finish() ran when it ended)
+    return [writer.metadata for writer in writers]

@@ -317,7 +317,7 @@ class RunWriter:
 
     def finish(self) -> dict:
         """The final resume state (when the last epoch was no checkpoint), the final model and
-        metadata.json; returns the metadata."""
+        metadata.json; returns the metadata (also kept as ``self.metadata``)."""
         progress, layout = self.progress, self.layout
         final_epoch = progress.epoch
         if (final_epoch + 1) % self.t.checkpoint_every != 0 and self.start <= final_epoch:
@@ -327,7 +327,7 @@ class RunWriter:
         final_data = serialize_state_dict(self.model.state_dict(), header)
         progress.files[layout.relative(layout.final_model)] = write_bytes_atomic(layout.final_model, final_data)
 
-        metadata = _metadata_record(self.spec, progress, self.split, self.threshold, self.first_below)
+        metadata = self.metadata = _metadata_record(self.spec, progress, self.split, self.threshold, self.first_below)
         write_json_atomic(layout.metadata, metadata)
         log.info(
             "%s: done, %d epochs, final train_loss %s test_loss %s, grokking epoch %s%s",
