@@ -17,6 +17,7 @@ _LOADING = (
     "checkpoint_path",
     "hooked_config_dict",
     "list_epochs",
+    "load_adapter",
     "load_config",
     "load_metadata",
     "load_model",

@@ -162,16 +162,22 @@ def _keep_freed_memory_in_process() -> None:
         pass
 
 
-def cmd_train(args) -> int:
+def gc_freeze_and_keep_memory() -> None:
+    """What a training process sets up before its loop: freed memory kept in the process (see
+    :func:`_keep_freed_memory_in_process`) and the imports' objects frozen for the collector."""
     import gc
-
-    from .training.train import train
 
     _keep_freed_memory_in_process()
     # Each epoch leaves a few hundred short-lived objects, so the collector's full collections
     # come every few hundred epochs; with transformers imported each rescans ~430,000 objects
     # (0.2 s, ~1 ms/epoch at p = 113). Frozen, they skip what the imports made.
     gc.freeze()
+
+
+def cmd_train(args) -> int:
+    from .training.train import train
+
+    gc_freeze_and_keep_memory()
     runs, device, threads, threshold, cells = _train_spec(args)
     options = dict(device=device, threads=threads, grokking_threshold=threshold, progress_bar=not args.no_progress)
     if len(runs) == 1:
@@ -344,6 +350,74 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .export import NeverGrokked
+    from .io.atomic import write_json_atomic
+    from .lifecycle.finetune import FinetuneSettings, finetune
+
+    gc_freeze_and_keep_memory()
+    settings = FinetuneSettings(
+        operation=args.operation,
+        rank=args.rank,
+        alpha=args.alpha,
+        matrices=tuple(args.matrices),
+        num_epochs=args.num_epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        frac_train=args.frac_train,
+        data_seed=args.data_seed,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every,
+    )
+    which = "grokked" if args.grokked else "final" if args.final else "epoch" if args.epoch is not None else "grokked"
+    try:
+        target = finetune(
+            args.source,
+            settings,
+            out=args.out,
+            which=which,
+            epoch=args.epoch,
+            prime=args.prime,
+            version=args.version,
+            allow_ungrokked=args.allow_ungrokked,
+            threads=args.threads,
+            progress_bar=not args.no_progress,
+        )
+    except NeverGrokked as exc:
+        if not args.skip_ungrokked:
+            raise
+        print(f"grokpipe: skipped: {exc}", file=sys.stderr)
+        record = {"adapter": None, "skipped": str(exc)}
+    else:
+        print(target)
+        record = {"adapter": str(target), "name": target.name}
+    if args.record:
+        write_json_atomic(args.record, {"operation": args.operation, "rank": args.rank, "seed": args.seed, **record})
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .io.atomic import write_json_atomic
+    from .lifecycle.merge import merge
+    from .loading import read_json
+
+    source = Path(args.lora_dir)
+    if source.is_file() and source.suffix == ".json":  # the record of `grokpipe finetune --record`
+        adapter = read_json(source).get("adapter")
+        if adapter is None:
+            print(f"grokpipe: skipped: {source} records no adapter (its fine-tune was skipped)", file=sys.stderr)
+            if args.record:
+                write_json_atomic(args.record, {"merged": None, "skipped": f"{source}: no adapter"})
+            return 0
+        source = Path(adapter)
+    target = merge(source, out=args.out, force=args.force)
+    print(target)
+    if args.record:
+        write_json_atomic(args.record, {"merged": str(target), "name": target.name, "adapter": str(source)})
+    return 0
+
+
 def cmd_plot(args) -> int:
     from .analysis.plots import plot_run
     from .loading import load_metadata
@@ -435,6 +509,11 @@ EXAMPLES = {
         "grokpipe list results --where task.operation=sub --where training.weight_decay=0.3 --json",
         "grokpipe list models",
     ],
+    "finetune": [
+        "grokpipe finetune results/grokking/grokking_p31_seed0 --grokked --operation sub --rank 4",
+        "grokpipe finetune models/tl1l-218K-modadd31-grok-s0-e799-c0123abcd --operation mul --matrices W_in W_out",
+    ],
+    "merge": ["grokpipe merge models/tl1l-218K-modadd31-to-modsub31-lora-s0-e799-c0123abcd-r4-f0-l4567cdef"],
     "plot": ["grokpipe plot results/grokking/grokking_p31_seed0"],
     "progress": ["grokpipe progress results/grokking/grokking_p31_seed0 --key-frequencies 3,7,11"],
     "analyze": ["grokpipe analyze results/grokking/grokking_p31_seed0 --report verify.json --progress"],
@@ -595,6 +674,60 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-ungrokked", action="store_true", help="with --grokked: skip (not fail on) a run that never grokked"
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "finetune",
+        help="LoRA adapters of a grokked model on another operation of the same p (PEFT format)",
+        description="Train LoRA adapters (base frozen; full-batch AdamW like pretraining) of SOURCE on the "
+        "operation --operation of the same p, into OUT/{arch}-{size}-{source}-to-{target}-lora-{version}/ with "
+        "adapters/adapter_config.json and adapters/adapter_model.safetensors in PEFT's format (see docs/lora.md). "
+        "Rerunning the same command resumes a killed fine-tune, or finds it done.",
+    )
+    p.add_argument("source", help="an export directory, or a run directory (its --grokked epoch by default)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--epoch", type=non_negative_int, help="with a run directory: this checkpoint epoch")
+    which.add_argument("--grokked", action="store_true", help="with a run directory: its grokked checkpoint (default)")
+    which.add_argument("--final", action="store_true", help="with a run directory: its final model")
+    p.add_argument("--operation", required=True, help="the target task (add, sub, mul, div, ...) on the base's p")
+    p.add_argument("--prime", type=positive_int, help="the target task's p: must be the base's (default: the base's)")
+    p.add_argument("--rank", type=positive_int, default=4, help="LoRA rank r (default 4)")
+    p.add_argument("--alpha", type=positive_float, default=8.0, help="LoRA alpha; updates are scaled by alpha/r (8)")
+    p.add_argument(
+        "--matrices",
+        nargs="+",
+        default=["W_Q", "W_K", "W_V", "W_O", "W_in", "W_out"],
+        metavar="M",
+        help="matrices adapted in every layer: W_Q W_K W_V W_O (per head) W_in W_out, and W_E W_pos W_U "
+        "(embeddings, off by default); default: the attention and MLP ones",
+    )
+    p.add_argument("--num-epochs", type=positive_int, default=2000, help="epochs of fine-tuning (2000)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate (0.001)")
+    p.add_argument("--weight-decay", type=float, default=1.0, help="AdamW weight decay of the factors (1.0)")
+    p.add_argument("--frac-train", type=positive_float, help="train fraction of the target task (default: the base's)")
+    p.add_argument("--data-seed", type=non_negative_int, help="seed of the target task's split (default: the base's)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the adapter's initialisation (0)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=100, help="adapter checkpoint interval (100)")
+    p.add_argument("--eval-every", type=positive_int, default=1, help="test loss every this many epochs (1)")
+    p.add_argument("--out", default="models", help="parent directory of the adapter directory (default: models)")
+    p.add_argument("--version", help="appended to the directory name (letters, digits, '.', '_')")
+    p.add_argument("--allow-ungrokked", action="store_true", help="fine-tune an epoch whose test loss is not low")
+    p.add_argument(
+        "--skip-ungrokked", action="store_true", help="with --grokked: skip (not fail on) a run that never grokked"
+    )
+    p.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (1)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--record", help="also write what was fine-tuned (or skipped) as JSON to this file")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "merge",
+        help="a LoRA directory merged into an ordinary export (W + alpha/r * B@A), ...-merged-.../",
+    )
+    p.add_argument("lora_dir", help="a grokpipe finetune directory (or the JSON record finetune --record wrote)")
+    p.add_argument("--out", help="parent directory of the merged export (default: beside the LoRA directory)")
+    p.add_argument("--force", action="store_true", help="replace an existing merged export made from another adapter")
+    p.add_argument("--record", help="also write what was merged (or skipped) as JSON to this file")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("list", help="every run in a results tree (or every export in a models/ directory)")
     p.add_argument(

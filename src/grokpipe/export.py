@@ -60,12 +60,17 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"
 BUFFER_SUFFIXES = (".mask", ".IGNORE", "rotary_sin", "rotary_cos")  # HookedTransformer's buffers
 STAGING_MARKERS = (".exporting-", ".replaced-")
+_DATASET = r"mod[a-z_]*[a-z]\d+"
 _NAME_RE = re.compile(
-    r"^(?P<architecture>tl\d+l(?:attn)?)-(?P<size>\d+(?:\.\d+)?[KMB]?)-(?P<dataset>mod[a-z_]*[a-z]\d+)-"
-    r"(?P<training_type>[a-z]+)-(?P<version>s\d+-e\d+(?:-c[0-9a-f]{8})?(?:-[A-Za-z0-9][A-Za-z0-9._]*)?)$"
+    rf"^(?P<architecture>tl\d+l(?:attn)?)-(?P<size>\d+(?:\.\d+)?[KMB]?)-(?P<dataset>{_DATASET}(?:-to-{_DATASET})?)-"
+    r"(?P<training_type>[a-z]+)-(?P<version>s\d+-e\d+(?:-c[0-9a-f]{8})?(?:-r\d+-f\d+-l[0-9a-f]{8})?"
+    r"(?:-[A-Za-z0-9][A-Za-z0-9._]*)?)$"
 )
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._]*$")
 _DATASET_RE = re.compile(r"^mod(?P<operation>[a-z_]*[a-z])(?P<prime>\d+)$")
+_RUN_VERSION_RE = re.compile(r"^s\d+-e\d+(?:-c[0-9a-f]{8})?")
+# A LoRA fine-tune and its merge name source and target task: {source}-to-{target}
+ADAPTED_TYPES = ("lora", "merged")
 
 
 class NeverGrokked(GrokpipeError):
@@ -84,12 +89,23 @@ class ExportName:
         return f"{self.architecture}-{self.size}-{self.dataset}-{self.training_type}-{self.version}"
 
     @property
+    def source_dataset(self) -> str:
+        return self.dataset.split("-to-")[0]
+
+    @property
     def operation(self) -> str:
-        return _DATASET_RE.match(self.dataset)["operation"]
+        """The operation the base model was trained on (a LoRA's source task)."""
+        return _DATASET_RE.match(self.source_dataset)["operation"]
+
+    @property
+    def target_operation(self) -> str | None:
+        """The operation a LoRA fine-tune (and its merge) adapts to; None for other exports."""
+        _, _, target = self.dataset.partition("-to-")
+        return _DATASET_RE.match(target)["operation"] if target else None
 
     @property
     def prime(self) -> int:
-        return int(_DATASET_RE.match(self.dataset)["prime"])
+        return int(_DATASET_RE.match(self.source_dataset)["prime"])
 
     @property
     def seed(self) -> int:
@@ -99,6 +115,11 @@ class ExportName:
     def epoch(self) -> int:
         return int(self.version.split("-")[1][1:])
 
+    @property
+    def run_version(self) -> str:
+        """``s{seed}-e{epoch}[-c{hash}]``: the run and epoch the (base) weights come from."""
+        return _RUN_VERSION_RE.match(self.version)[0]
+
 
 def parse_export_name(name: str) -> ExportName:
     """The parts of an export directory name; a name that does not follow the rule is an error."""
@@ -106,12 +127,20 @@ def parse_export_name(name: str) -> ExportName:
     if match:
         from .training.tasks import OPERATIONS
 
-        if _DATASET_RE.match(match["dataset"])["operation"] not in OPERATIONS:
+        datasets = match["dataset"].split("-to-")
+        adapted = len(datasets) == 2
+        if any(_DATASET_RE.match(d)["operation"] not in OPERATIONS for d in datasets):
             match = None
+        elif (
+            adapted != (match["training_type"] in ADAPTED_TYPES)
+            or len({_DATASET_RE.match(d)["prime"] for d in datasets}) != 1
+        ):
+            match = None  # {source}-to-{target} on one p is what a LoRA or merge is, and only they
     if not match:
         rule = "{architecture}-{size}-{dataset}-{training_type}-{version}"
         raise GrokpipeError(
-            f"{name!r} is not an export name ({rule}, e.g. tl1l-227K-modadd113-grok-s999-e24999-c1a2b3c4d)"
+            f"{name!r} is not an export name ({rule}, e.g. tl1l-227K-modadd113-grok-s999-e24999-c1a2b3c4d or "
+            "tl1l-227K-modadd113-to-modsub113-lora-s999-e24999-c1a2b3c4d-r4-f0-l0f1e2d3c)"
         )
     return ExportName(**match.groupdict())
 
@@ -182,7 +211,7 @@ def choose_epoch(layout: RunLayout, metadata: dict, which: str, epoch: int | Non
     raise GrokpipeError(f"{layout.root}: no checkpoint for epoch {epoch}; nearest: {sorted(nearest)}")
 
 
-def _tokenizer_json(prime: int) -> str:
+def tokenizer_json(prime: int) -> str:
     """Our vocabulary as a Hugging Face ``tokenizers`` file: ``"a b ="`` encodes to ``[a, b, p]``."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
@@ -194,12 +223,15 @@ def _tokenizer_json(prime: int) -> str:
     return tokenizer.to_str(pretty=True)
 
 
-def _model_config(hooked: dict, prime: int) -> dict:
+def model_config(hooked: dict, prime: int, operation: str = "add") -> dict:
     """config.json: readable in the Hugging Face style, with the full HookedTransformerConfig."""
+    from .training.tasks import operation as task
+
     return {
         "architectures": ["HookedTransformer"],
         "model_type": "transformer_lens",
-        "task": "modular addition: logits over c = (a + b) mod p at the last position of [a, b, =]",
+        "task": f"logits over c = ({task(operation).formula}) mod p at the last position of [a, b, =]",
+        "operation": operation,
         "prime": prime,
         "input_format": ["a", "b", "="],
         "vocab_size": hooked["d_vocab"],
@@ -307,8 +339,8 @@ def export(run_dir, out="models", which: str = "final", epoch: int | None = None
                 "export_name": str(name),
             }
             hashes = {MODEL_FILE: write_verified_model_file(staging / MODEL_FILE, state, header, "export")}
-            hashes["config.json"] = write_json_atomic(staging / "config.json", _model_config(hooked, prime))
-            hashes["tokenizer.json"] = write_bytes_atomic(staging / "tokenizer.json", _tokenizer_json(prime).encode())
+            hashes["config.json"] = write_json_atomic(staging / "config.json", model_config(hooked, prime, operation))
+            hashes["tokenizer.json"] = write_bytes_atomic(staging / "tokenizer.json", tokenizer_json(prime).encode())
             plot_run(metadata, staging / "loss_curve.png", mark_epoch=chosen)
             hashes["loss_curve.png"] = sha256_file(staging / "loss_curve.png")
             meta = _export_meta(run_dir, metadata, config, source_file, chosen, which, name, count)
@@ -395,7 +427,9 @@ def list_exports(models_dir: str | Path) -> list[dict]:
 
     rows = []
     for entry in sorted(Path(models_dir).iterdir()):
-        if entry.is_dir() and is_export(entry):
+        # exports, merged exports and finished LoRA directories (adapters/ instead of a model file)
+        adapter = (entry / "adapters" / "adapter_model.safetensors").is_file()
+        if entry.is_dir() and (entry / EXPORT_META).is_file() and (adapter or is_export(entry)):
             meta = read_json(entry / EXPORT_META)
             rows.append(
                 {

@@ -164,19 +164,46 @@ def hooked_config_dict(path: str | Path, epoch: int | None = None) -> dict:
 def load_model(path: str | Path, epoch: int | None = None, device: str = "cpu"):
     """A HookedTransformer holding the weights of ``epoch`` (``None``: the final model).
 
-    ``path`` is a run directory, a ``grokpipe export`` directory, a single ``.safetensors`` file, or a
-    legacy pickle (read through the restricted loader; converting it with ``grokpipe convert`` is
+    ``path`` is a run directory, a ``grokpipe export`` directory (a merged one too), a LoRA
+    directory of ``grokpipe finetune`` (the base with ``W + (alpha/r)·B@A`` in every targeted
+    matrix; :func:`load_adapter` gives the factors), a single ``.safetensors`` file, or a legacy
+    pickle (read through the restricted loader; converting it with ``grokpipe convert`` is
     recommended). The load is strict.
     """
     from .training.model import loaded_model
 
     path = Path(path)
+    from .lifecycle.adapter_dir import is_lora_dir
+
+    if is_lora_dir(path):  # the base export with the adapter's updates added
+        adapter = load_adapter(path)
+        return loaded_model(adapter.base.hooked, adapter.merged_state_dict(), path, device)
     if _is_legacy(path):
         from .io.legacy import legacy_model
 
         return legacy_model(path, epoch, device)
     file = _resolve(path, epoch)
     return loaded_model(hooked_config_dict(file), read_tensors(file), file, device)
+
+
+def load_adapter(path: str | Path):
+    """A LoRA directory's adapter, checked (every file's sha256, the base's model file): its PEFT
+    config, factors, per-matrix updates in TransformerLens' layout and base.
+
+    Args:
+        path: a directory ``grokpipe finetune`` wrote.
+
+    Returns:
+        A :class:`grokpipe.lifecycle.adapter_dir.Adapter`.
+
+    Example:
+        >>> lora = "models/tl1l-227K-modadd31-to-modsub31-lora-s0-e2999-c1a2b3c4d-r4-f0-l0f1e2d3c"
+        >>> adapter = grokpipe.load_adapter(lora)
+        >>> {name: delta.shape for name, delta in adapter.deltas().items()}
+    """
+    from .lifecycle.adapter_dir import read_adapter
+
+    return read_adapter(path)
 
 
 def load_metadata(run_dir: str | Path) -> dict:
@@ -292,6 +319,7 @@ __all__ = [
     "checkpoint_path",
     "hooked_config_dict",
     "list_epochs",
+    "load_adapter",
     "load_config",
     "load_metadata",
     "load_model",

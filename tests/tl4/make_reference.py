@@ -23,6 +23,8 @@ import grokpipe  # noqa: E402
 from grokpipe.config import grid, validate_config  # noqa: E402
 from grokpipe.convert import convert  # noqa: E402
 from grokpipe.export import export  # noqa: E402
+from grokpipe.lifecycle.finetune import FinetuneSettings, finetune  # noqa: E402
+from grokpipe.lifecycle.merge import merge  # noqa: E402
 from grokpipe.training.train import train  # noqa: E402
 
 # Model options of our config schema, each loaded by TL 4's native model.
@@ -104,6 +106,18 @@ def main(out: Path) -> None:
     }
     exported = export(manifest["supported"]["relu_1l"]["run"], out / "models")
     manifest["export"] = {"path": str(exported), "reference": manifest["supported"]["relu_1l"]["references"]["final"]}
+    # the model lifecycle: a LoRA fine-tune of that export (tiny: it need not solve sub) and its merge
+    settings = FinetuneSettings("sub", rank=2, num_epochs=6, checkpoint_every=3)
+    lora = finetune(exported, settings, out=out / "models", allow_ungrokked=True, progress_bar=False)
+    merged = merge(lora)
+    names = hooks(1, False)
+    manifest["lora"] = {
+        "prime": 5,
+        "hooks": names,
+        "lora": str(lora),
+        "merged": str(merged),
+        "reference": reference(lora, None, 5, out / "lora.safetensors", names),
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     print(f"TL 3.9 references written to {out}")
 

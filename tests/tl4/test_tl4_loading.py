@@ -67,6 +67,15 @@ def test_converted_and_legacy_and_exported_runs(manifest):
     compare(grokpipe.load_model(exported["path"]), relu["prime"], REFERENCE / exported["reference"], relu["hooks"])
 
 
+def test_lora_directories_and_merged_exports_load_as_bridges(manifest):
+    case = manifest["lora"]
+    reference = REFERENCE / case["reference"]
+    compare(grokpipe.load_model(case["lora"]), case["prime"], reference, case["hooks"])
+    compare(grokpipe.load_model(case["merged"]), case["prime"], reference, case["hooks"])
+    adapter = grokpipe.load_adapter(case["lora"])
+    assert set(adapter.deltas()) == set(adapter.targets)
+
+
 def test_unsupported_options_are_refused(manifest):
     case = manifest["unsupported"]["gelu_fast"]
     with pytest.raises(GrokpipeError, match="cannot be loaded into TransformerLens 4: act_fn 'gelu_fast'"):

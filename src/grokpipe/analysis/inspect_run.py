@@ -162,11 +162,12 @@ def inspect_legacy(path: Path) -> dict:
 
 def inspect_export(path: Path) -> dict:
     """A ``grokpipe export`` directory: its name parts, source, epoch, losses and model file."""
-    from ..export import EXPORT_META, MODEL_FILE, verify_export
+    from ..export import EXPORT_META, verify_export
 
     meta = _json(path / EXPORT_META) or {}
+    lora = meta.get("training_type") == "lora"
     return {
-        "format": "grokpipe export (model directory)",
+        "format": "grokpipe LoRA adapter directory (PEFT)" if lora else "grokpipe export (model directory)",
         "path": str(path),
         "name": meta.get("name"),
         "name_parts": meta.get("name_parts"),
@@ -178,7 +179,25 @@ def inspect_export(path: Path) -> dict:
         "grokking_epoch": meta.get("grokking_epoch"),
         "state": "ok" if not (problems := verify_export(path)) else "damaged",
         "problems": problems,
-        "final_model": _file_summary(path / MODEL_FILE),
+        **_model_or_adapter(path, meta),
+    }
+
+
+def _model_or_adapter(path: Path, meta: dict) -> dict:
+    """An export's model file, or a LoRA directory's base, target task, rank and adapter file."""
+    from ..export import MODEL_FILE
+    from ..lifecycle.adapter_dir import ADAPTER_MODEL
+
+    if (path / MODEL_FILE).is_file():
+        return {"final_model": _file_summary(path / MODEL_FILE)}
+    lora = meta.get("lora") or {}
+    return {
+        "base": (meta.get("base") or {}).get("name"),
+        "target_operation": (meta.get("target") or {}).get("operation"),
+        "rank": lora.get("rank"),
+        "alpha": lora.get("alpha"),
+        "target_parameters": lora.get("target_parameters"),
+        "adapter": _file_summary(path / ADAPTER_MODEL),
     }
 
 
@@ -201,9 +220,10 @@ def inspect_consolidated(path: Path) -> dict:
 def inspect_path(path: str | Path) -> dict:
     from ..consolidate import RECORD_FILE
     from ..export import is_export
+    from ..lifecycle.adapter_dir import is_lora_dir
 
     path = Path(path)
-    if path.is_dir() and is_export(path):
+    if path.is_dir() and (is_export(path) or is_lora_dir(path) and (path / "export_meta.json").is_file()):
         return inspect_export(path)
     if path.is_dir() and (path / RECORD_FILE).is_file():
         return inspect_consolidated(path)
@@ -336,6 +356,11 @@ def format_inspection(info: dict) -> str:
         "memorization_epoch",
         "stop_reason",
         "noisy_labels",
+        "base",
+        "target_operation",
+        "rank",
+        "alpha",
+        "target_parameters",
         "bytes",
     ):
         if info.get(key) is not None:
@@ -354,7 +379,7 @@ def format_inspection(info: dict) -> str:
         lines.append(f"checkpoints: {len(epochs)} ({', '.join(map(str, shown))})")
     if info.get("keys"):
         lines.append("keys: " + ", ".join(info["keys"]))
-    file_info = info.get("final_model") or info
+    file_info = info.get("final_model") or info.get("adapter") or info
     if file_info.get("header_metadata"):
         lines.append("header: " + ", ".join(f"{k}={v}" for k, v in file_info["header_metadata"].items()))
     if file_info.get("tensors"):

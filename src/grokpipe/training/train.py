@@ -120,7 +120,7 @@ def _same_content(path: Path, state_dict: dict, metadata: dict) -> bool:
     return first_difference(state_dict, on_disk) is None
 
 
-def _write_checkpoint(path: Path, state_dict: dict, metadata: dict) -> str:
+def write_checkpoint(path: Path, state_dict: dict, metadata: dict) -> str:
     """Write a checkpoint unless an identical one is already there; returns the file's sha256."""
     if path.exists():
         if _same_content(path, state_dict, metadata):
@@ -134,7 +134,7 @@ def scheduled_epochs(last_epoch: int, checkpoint_every: int) -> list[int]:
     return list(range(checkpoint_every - 1, last_epoch + 1, checkpoint_every))
 
 
-def _gaps(layout: RunLayout, progress: resume.Progress, checkpoint_every: int) -> list[int]:
+def checkpoint_gaps(layout: RunLayout, progress: resume.Progress, checkpoint_every: int) -> list[int]:
     """Scheduled checkpoints up to the resume point that are missing or differ from what was written."""
     gaps = []
     for epoch in scheduled_epochs(progress.epoch, checkpoint_every):
@@ -210,7 +210,7 @@ class RunWriter:
         self.hooked_config = config_to_json(model.cfg)
         loaded, why = resume.load(layout, self.spec.config_hash, t.num_epochs)
         if loaded is not None:
-            gaps = _gaps(layout, loaded.progress, t.checkpoint_every)
+            gaps = checkpoint_gaps(layout, loaded.progress, t.checkpoint_every)
             if gaps:
                 # Only the latest state is kept, so the last intact point before a gap is the seeded
                 # initialisation: retraining from it reproduces every epoch bit for bit.
@@ -302,7 +302,7 @@ class RunWriter:
         if (epoch + 1) % t.checkpoint_every == 0:
             path = layout.checkpoint(epoch)
             header = provenance(self.spec, epoch, "checkpoint", self.hooked_config)
-            progress.files[layout.relative(path)] = _write_checkpoint(path, self.model.state_dict(), header)
+            progress.files[layout.relative(path)] = write_checkpoint(path, self.model.state_dict(), header)
             if epoch not in progress.checkpoint_epochs:
                 progress.checkpoint_epochs.append(epoch)
             resume.save(layout, self.model, self.optimizer, progress, self.spec.config_hash)
