@@ -20,6 +20,7 @@ include: "workflow/rules/analysis.smk"
 include: "workflow/rules/sweep.smk"
 include: "workflow/rules/consolidate.smk"
 include: "workflow/rules/export.smk"
+include: "workflow/rules/finetune.smk"
 
 
 rule all:

@@ -96,10 +96,10 @@ def test_readme_runnable_blocks_work_as_written(tmp_path):
 
 
 def schema_keys(schema: dict) -> dict[str, dict]:
-    """Every documented key of the config schema (dotted under training, model, task) -> its schema."""
+    """Every documented key of the config schema (dotted under training, model, task, finetune) -> its schema."""
     keys = {}
     for name, prop in schema["properties"].items():
-        if name in ("training", "model", "task"):
+        if name in ("training", "model", "task", "finetune"):
             for sub, sub_prop in prop["properties"].items():
                 keys[f"{name}.{sub}"] = {**sub_prop, "required": sub in prop.get("required", [])}
         else:

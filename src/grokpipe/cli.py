@@ -216,6 +216,25 @@ def cmd_sweep_report(args) -> int:
     return 0
 
 
+def cmd_transfer_report(args) -> int:
+    from .config import validate_config
+    from .lifecycle.transfer import finetune_plan, write_transfer_report
+    from .sweep import cells_by_name
+
+    if args.config is not None:
+        from .config import read_config_file
+
+        raw, source = read_config_file(args.config), str(args.config)
+    else:
+        raw, source = _json_argument(args.config_json, "--config-json"), "--config-json"
+    config = validate_config(raw, source=source)
+    plan = finetune_plan(config, cells_by_name(config, source), source)
+    out = args.out_dir or Path(config["results_dir"]) / "_finetune" / config["model_name"]
+    rows = write_transfer_report(config, plan, out)
+    print(f"{out}: {len(rows)} fine-tunes compared with training from scratch")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from .convert import convert
 
@@ -518,6 +537,7 @@ EXAMPLES = {
     "progress": ["grokpipe progress results/grokking/grokking_p31_seed0 --key-frequencies 3,7,11"],
     "analyze": ["grokpipe analyze results/grokking/grokking_p31_seed0 --report verify.json --progress"],
     "sweep-report": ["grokpipe sweep-report --config config/sweep.yaml --x training.weight_decay --y task.operation"],
+    "transfer-report": ["grokpipe transfer-report --config config/finetune.yaml"],
     "summarize": ["grokpipe summarize --out-dir results/grokking results/grokking/grokking_p31_seed*"],
 }
 
@@ -785,6 +805,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--x", help="axis (dotted key) across the heat maps (default: sweep_figures.x, else the first)")
     p.add_argument("--y", help="axis (dotted key) down the heat maps (default: sweep_figures.y, else the second)")
     p.set_defaults(func=cmd_sweep_report)
+
+    p = sub.add_parser(
+        "transfer-report",
+        help="LoRA fine-tunes vs training from scratch: results/_finetune/{model_name}/transfer.{csv,md}",
+        description="For the config's finetune: section, one row per fine-tune (base run, target operation, rank, "
+        "seed): the first epoch whose test loss is below the grokking threshold for the LoRA from the grokked base "
+        "and for the same task trained from scratch, and their final test losses; the Markdown file adds the medians "
+        "per target operation and rank.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="the config YAML")
+    source.add_argument("--config-json", help="the config as JSON (what the workflow passes)")
+    p.add_argument("--out-dir", help="default: {results_dir}/_finetune/{model_name}")
+    p.set_defaults(func=cmd_transfer_report)
 
     p = sub.add_parser("summarize", help="summary table (CSV, Markdown) and test-curve figure of several runs")
     p.add_argument("--out-dir", required=True, help="where summary.{csv,md} and test_curves.{png,svg} go")

@@ -17,6 +17,7 @@ from grokpipe.config import (
 from grokpipe.errors import GrokpipeError
 from grokpipe.io.detect import holds_checkpoint_dirs
 from grokpipe.jobs import train_jobs
+from grokpipe.lifecycle.transfer import finetune_flags, finetune_plan
 from grokpipe.layout import RUN_DIR_RE
 from grokpipe.sweep import cells_by_name
 from grokpipe.workflow import (
@@ -38,8 +39,14 @@ except (WorkflowError, ConfigError) as exc:
 
 # The sweep's cells (one, named model_name, without a sweep): each a grid of primes x seeds with
 # its own settings, at results/{cell}/. Expanded once per parse, never per job.
-CELLS = cells_by_name(config, "config")
+GRID_CELLS = cells_by_name(config, "config")
 SWEEP = config["model_name"] if config["sweep"] else None
+# The finetune: section's LoRA jobs and the cells that train their target tasks from scratch.
+try:
+    FINETUNE = finetune_plan(config, GRID_CELLS, "config")
+except ConfigError as exc:
+    raise WorkflowError(describe_validation_failure(exc, "config")) from None
+CELLS = {**GRID_CELLS, **FINETUNE.scratch_cells}
 
 RESULTS = config["results_dir"]
 RUN = f"{RESULTS}/{{model_name}}/{{model_name}}_p{{prime}}_seed{{seed}}"
@@ -109,11 +116,11 @@ def runs():
     """(model_name, prime, seed) of every run: every cell's grid and every legacy pickle."""
     grid = [
         (name, str(p), str(s))
-        for name in CELLS
+        for name in GRID_CELLS
         for p in config["primes"]
         for s in config["seeds"]
     ]
-    return sorted(set(grid + legacy_runs()))
+    return sorted(set(grid + legacy_runs() + FINETUNE.scratch_runs))
 
 
 @functools.cache
@@ -291,7 +298,21 @@ def consolidate_dtype_flag():
 
 def sweep_inputs(wildcards):
     """Training outputs of every run of the sweep: its report's input."""
-    return sorted({trained_marker(run) for run in runs() if run[0] in CELLS})
+    return sorted({trained_marker(run) for run in runs() if run[0] in GRID_CELLS})
+
+
+def finetune_record(job, suffix=".json"):
+    return run_file(job.base, f"finetunes/{job.record_name}{suffix}")
+
+
+def transfer_inputs(wildcards):
+    """Every fine-tune's merge record (after its adapter) and every from-scratch run's training."""
+    records = [finetune_record(job, ".merged.json") for job in FINETUNE.jobs]
+    return records + sorted({trained_marker(run) for run in FINETUNE.scratch_runs})
+
+
+def finetune_options():
+    return finetune_flags(config)
 
 
 def sweep_config_json(wildcards):
@@ -301,7 +322,8 @@ def sweep_config_json(wildcards):
 
 def final_targets():
     """Per run: its training and analysis (run_outputs); per model: the grid summary; per sweep:
-    its table and figures; per imported checkpoint: its consolidation."""
+    its table and figures; per imported checkpoint: its consolidation; with fine-tunes: their
+    comparison table (which asks for every fine-tune and merge)."""
     per_run = [path for run in runs() for path in run_outputs(run)]
     per_model = [
         f"{RESULTS}/{model_name}/summary.csv"
@@ -309,4 +331,9 @@ def final_targets():
     ]
     per_sweep = [f"{RESULTS}/_sweeps/{SWEEP}/sweep.csv"] if SWEEP else []
     per_import = [f"{CONSOLIDATED}/{name}" for name in imports()]
-    return per_run + per_model + per_sweep + per_import
+    per_finetune = (
+        [f"{RESULTS}/_finetune/{config['model_name']}/transfer.csv"]
+        if FINETUNE.jobs
+        else []
+    )
+    return per_run + per_model + per_sweep + per_import + per_finetune

@@ -239,6 +239,7 @@ def _train(target, base, settings, settings_hash, targets, shapes, threads, prog
     from ..analysis.plots import plot_run
     from ..training.data import make_split
     from ..training.model import loaded_model
+    from ..training.stacked import stack_unsupported_reason, stacked_logits
 
     # setup
     torch.set_num_threads(threads)
@@ -256,13 +257,28 @@ def _train(target, base, settings, settings_hash, targets, shapes, threads, prog
     for directory in (layout.root, layout.checkpoints_dir, layout.resume_dir):
         directory.mkdir(parents=True, exist_ok=True)
     progress = _resume(layout, factors, optimizer, settings, settings_hash)
-    segment = {"first_epoch": progress.epoch + 1, "threads": threads, "torch": torch.__version__, "seconds": 0.0}
+    segment = {
+        "first_epoch": progress.epoch + 1,
+        "threads": threads,
+        "torch": torch.__version__,
+        "implementation": "stacked" if stack_unsupported_reason(model) is None else "hooked_transformer",
+        "seconds": 0.0,
+    }
     progress.segments.append(segment)
     began = time.perf_counter()
 
+    # The stacked forward (one run) is HookedTransformer's last-position logits to float32
+    # rounding at a fraction of its cost; models it does not cover use HookedTransformer itself.
+    stacked = stack_unsupported_reason(model) is None
+    all_params = dict(model.named_parameters())
+
     def objective(tokens, labels):
         params = {t: base_params[t] + delta for t, delta in factors.deltas().items()}
-        logits = torch.func.functional_call(model, params, (tokens,))[:, -1]
+        if stacked:
+            full = {name: params.get(name, param)[None] for name, param in all_params.items()}
+            logits = stacked_logits(full, model.cfg, tokens)[0]
+        else:
+            logits = torch.func.functional_call(model, params, (tokens,))[:, -1]
         log_probs = logits.to(torch.float64).log_softmax(dim=-1)
         picked = log_probs.gather(-1, labels[:, None])[:, 0]
         correct = (picked >= log_probs.max(dim=-1).values).sum()  # ties count, as for runs
