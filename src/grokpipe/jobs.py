@@ -20,9 +20,11 @@ from .errors import ConfigError
 
 # runs_per_job: auto: runs whose epoch is mostly per-operation overhead (p² small) share a job of
 # up to AUTO_RUNS_PER_JOB; at larger p a lone run's folded forward is faster than the stack's
-# (bench/bench_runs_per_job.py: 1.9x at p = 13 with 4 per job, 0.9x at p = 31).
+# (bench/bench_runs_per_job.py, snakemake --cores 2: 2.1x at p = 13 and 1.6x at p = 31 with 4 per
+# job; 4 per job beat 8 at both). From p = 47 on a stacked epoch costs more per run than a lone one
+# (12.6 against 9.8 ms in-process), whose hand-written backward scales better with the batch.
 AUTO_RUNS_PER_JOB = 4
-AUTO_MAX_PRIME = 13
+AUTO_MAX_PRIME = 31
 VARYING = ("lr", "weight_decay", "betas", "early_stopping")
 
 
