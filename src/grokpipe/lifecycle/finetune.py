@@ -18,13 +18,11 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .._version import __version__
 from ..config import canonical_json
@@ -35,7 +33,14 @@ from ..io.safetensors_io import serialize_state_dict
 from ..layout import RunLayout
 from ..loading import EXPORT_META, load_metadata
 from ..training import resume
-from ..training.train import checkpoint_gaps, finite_or_none, grokking_epoch, write_checkpoint
+from ..training.train import (
+    checkpoint_gaps,
+    epoch_bar,
+    finite_or_none,
+    grokking_epoch,
+    is_eval_epoch,
+    write_checkpoint,
+)
 from ..writer_lock import writer_lock
 from .adapter_dir import ADAPTER_CONFIG, ADAPTER_MODEL, Base, lora_name, read_base
 from .lora_format import (
@@ -285,27 +290,14 @@ def _train(target, base, settings, settings_hash, targets, shapes, threads, prog
         return -picked.mean(), correct
 
     # loop
-    bar = tqdm(
-        range(progress.epoch + 1, settings.num_epochs),
-        initial=progress.epoch + 1,
-        total=settings.num_epochs,
-        desc=target.name[:40],
-        file=sys.stderr,
-        mininterval=2.0,
-        disable=not progress_bar,
-        ascii=True,
-    )
+    bar = epoch_bar(progress.epoch + 1, settings.num_epochs, settings.num_epochs, target.name[:40], progress_bar)
     for epoch in bar:
         train_loss, train_correct = objective(split.train_tokens, split.train_labels)
         train_loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         test_loss = test_correct = None
-        if (
-            (epoch + 1) % settings.eval_every == 0
-            or (epoch + 1) % settings.checkpoint_every == 0
-            or epoch == settings.num_epochs - 1
-        ):
+        if is_eval_epoch(epoch, settings):  # its eval_every, checkpoint_every and num_epochs
             with torch.inference_mode():
                 test_loss, test_correct = (x.item() for x in objective(split.test_tokens, split.test_labels))
         train_value = train_loss.item()

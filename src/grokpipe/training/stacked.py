@@ -29,13 +29,11 @@ the tests).
 from __future__ import annotations
 
 import math
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..config import RunSpec
 from ..errors import GrokpipeError
@@ -46,7 +44,7 @@ from .data import make_split
 from .folded import ACTIVATIONS, TableLayout, TokenPlan, padded
 from .lean_forward import unsupported_reason
 from .model import resolve_device, training_model
-from .train import RunWriter, is_eval_epoch
+from .train import RunWriter, epoch_bar, is_eval_epoch
 
 EPS = 1e-8  # torch.optim.AdamW's default, which lone runs use
 
@@ -335,16 +333,7 @@ def _train_cohort(writers: list[RunWriter], split, cfg, progress_bar: bool) -> N
     stack = Stack(active)
     objective = stacked_objective(cfg, (split.train_tokens, split.test_tokens))
     start, last = writers[0].start, max(w.last for w in writers)
-    bar = tqdm(
-        range(start, last + 1),
-        initial=start,
-        total=t.num_epochs,
-        desc=f"{len(writers)} runs",
-        file=sys.stderr,
-        mininterval=2.0,
-        disable=not progress_bar,
-        ascii=True,
-    )
+    bar = epoch_bar(start, last + 1, t.num_epochs, f"{len(writers)} runs", progress_bar)
     for epoch in bar:
         losses, correct = objective.loss(stack, split.train_tokens, split.train_labels)
         losses.sum().backward()  # runs are independent: each one's gradient is its own loss's

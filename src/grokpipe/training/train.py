@@ -81,6 +81,20 @@ def early_stop_epoch(first_below: int | None, rule: dict | None, checkpoint_ever
     return -(-(target + 1) // checkpoint_every) * checkpoint_every - 1
 
 
+def epoch_bar(start: int, stop: int, total: int, desc: str, enabled: bool):
+    """The epochs ``start..stop-1`` with a tqdm bar on stderr (every training loop's)."""
+    return tqdm(
+        range(start, stop),
+        initial=start,
+        total=total,
+        desc=desc,
+        file=sys.stderr,
+        mininterval=2.0,
+        disable=not enabled,
+        ascii=True,
+    )
+
+
 def is_eval_epoch(epoch: int, t) -> bool:
     """Whether the test loss is computed after ``epoch`` (always at checkpoints and at the end)."""
     return (epoch + 1) % t.eval_every == 0 or (epoch + 1) % t.checkpoint_every == 0 or epoch == t.num_epochs - 1
@@ -381,16 +395,7 @@ def _train_locked(
     writer.prepare(model, optimizer, device, threads, implementation)
 
     # loop
-    bar = tqdm(
-        range(writer.start, writer.last + 1),
-        initial=writer.start,
-        total=t.num_epochs,
-        desc=writer.layout.name,
-        file=sys.stderr,
-        mininterval=2.0,
-        disable=not progress_bar,
-        ascii=True,
-    )
+    bar = epoch_bar(writer.start, writer.last + 1, t.num_epochs, writer.layout.name, progress_bar)
     for epoch in bar:
         train_loss, train_correct = objective(split.train_tokens, split.train_labels)
         train_loss.backward()
