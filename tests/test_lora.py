@@ -122,6 +122,9 @@ def test_peft_parses_the_config_and_its_merge_gives_our_logits(lifecycle):
         peft_model = PeftModel.from_pretrained(base, str(adapters))
     loaded = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
     assert len(loaded) == 2 * len(config.target_parameters)
+    # what docs/lora.md says PEFT cannot do: apply it in TransformerLens' own forward
+    with pytest.raises(TypeError, match="missing 1 required positional argument"), torch.no_grad():
+        peft_model(all_tokens()[:2])
     theirs = peft_model.merge_and_unload()  # PEFT's own delta rule on the real TransformerLens modules
     torch.testing.assert_close(logits_of(theirs), logits_of(ours), rtol=1e-5, atol=1e-5)
     merged = grokpipe.load_model(lifecycle["merged"])

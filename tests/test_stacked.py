@@ -16,6 +16,7 @@ from conftest import tiny_config, write_config
 import grokpipe
 from grokpipe.analysis.verify import verify_run
 from grokpipe.config import grid, validate_config
+from grokpipe.io.safetensors_io import read_metadata
 from grokpipe.jobs import group_key
 from grokpipe.training.cross_entropy import cross_entropy_and_correct, stacked_cross_entropy_and_correct
 from grokpipe.training.data import make_split
@@ -111,6 +112,43 @@ def test_folded_stack_equals_each_models_own_loss_and_gradients(act_fn, prime):
                 torch.testing.assert_close(params[name].grad[r], param.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("prime", [7, 31])
+def test_a_member_trains_bit_for_bit_alike_whatever_the_stack_size(prime):
+    """A member of a stack of 3 and of a stack of 2 gets the same losses and weights bit for bit:
+    a job killed between its members' writes resumes them in cohorts of other sizes than the
+    uninterrupted job, and must still end bit-identical to it."""
+    from types import SimpleNamespace
+
+    from grokpipe.training.stacked import stacked_objective
+
+    specs = grid(validate_config(tiny_config(primes=[prime], seeds=[0, 1, 2])))
+    split = make_split(prime, 0.6, 598)
+
+    def train_stack(members):
+        models = [training_model(spec, "cpu") for spec in members]
+        trainable = {n for n, p in models[0].named_parameters() if p.requires_grad}
+        params = {
+            n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).requires_grad_(n in trainable)
+            for n, _ in models[0].named_parameters()
+        }
+        stack = SimpleNamespace(params=params, optimizer=StackedAdamW(params, members, 0))
+        objective = stacked_objective(models[0].cfg, (split.train_tokens, split.test_tokens))
+        losses = []
+        for _ in range(15):
+            train_losses, _ = objective.loss(stack, split.train_tokens, split.train_labels)
+            train_losses.sum().backward()
+            stack.optimizer.update()
+            with torch.inference_mode():
+                test_losses, _ = objective.loss(stack, split.test_tokens, split.test_labels)
+            losses.append((train_losses[0].item(), test_losses[0].item()))
+        return losses, {n: p[0].detach().clone() for n, p in params.items()}
+
+    three, weights_three = train_stack(specs)
+    two, weights_two = train_stack(specs[:2])
+    assert three == two
+    assert all(torch.equal(weights_three[n], weights_two[n]) for n in weights_three)
+
+
 def test_stacked_adamw_is_torch_adamw_with_per_run_settings():
     specs = specs_of(seeds=(0, 1, 2))
     specs = [
@@ -170,6 +208,8 @@ def test_members_are_ordinary_runs_equal_to_the_lone_runs(job):
             assert relative_deviation(meta[key], alone[key]) < LOSS_BOUND_500_EPOCHS, key
         (segment,) = meta["environment"]["segments"]
         assert segment["implementation"] == "stacked" and segment["job_members"] == [d.name for d in job["group"]]
+        header = read_metadata(grouped / "checkpoints" / "checkpoint_epoch_00499.safetensors")
+        assert header["job_runs"] == "3" and json.loads(header["job_members"]) == segment["job_members"]
         config = grokpipe.load_config(grouped)
         assert config["training"]["lr"] == spec.training.lr and config["config_hash"] == spec.config_hash
 

@@ -421,13 +421,22 @@ def _plan_logits(model, tables: Tables, plan: TokenPlan) -> torch.Tensor:
     rows, folded = tables.rows, tables.folded
     custom = _hand_written_backward(rows.device)
     if cfg.attn_only:
-        return _RowSum.apply(rows, weights, plan) if custom else _row_sum(rows, weights, plan)
+        return row_sum(rows, weights, plan)
     if custom:
         return _FoldedLogits.apply(rows, weights, folded, plan, cfg.act_fn)[:, :n_out]
     if not torch.is_grad_enabled():
         return _evaluate(rows, weights, folded, plan, cfg.act_fn)[:, :n_out]
     out = _row_sum(rows, weights, plan)
     return torch.addmm(out[:, cfg.d_mlp :], ACTIVATIONS[cfg.act_fn](out[:, : cfg.d_mlp]), folded)[:, :n_out]
+
+
+def row_sum(rows, weights, plan: TokenPlan):
+    """``out[b] = sum_j weights[b, j] * rows[row_index[b, j]]`` in the plan's order, differentiable:
+    on the CPU with :func:`_row_sum_backward` (its work scales with the rows, and each row's gradient
+    is summed in the same order however many examples the plan holds), elsewhere torch's own."""
+    if _hand_written_backward(rows.device):
+        return _RowSum.apply(rows, weights, plan)
+    return _row_sum(rows, weights, plan)
 
 
 def _row_sum(rows, weights, plan: TokenPlan, part: slice = slice(None)):

@@ -28,8 +28,10 @@ the tests).
 
 from __future__ import annotations
 
+import json
 import math
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +43,7 @@ from ..jobs import group_key
 from ..writer_lock import writer_lock
 from .cross_entropy import stacked_cross_entropy_and_correct
 from .data import make_split
-from .folded import ACTIVATIONS, TableLayout, TokenPlan, padded
+from .folded import ACTIVATIONS, TableLayout, TokenPlan, padded, row_sum
 from .lean_forward import unsupported_reason
 from .model import resolve_device, training_model
 from .train import RunWriter, epoch_bar, is_eval_epoch
@@ -167,6 +169,35 @@ def _folded_tables(params: dict[str, torch.Tensor], cfg, layout: TableLayout) ->
     return rows, scores.reshape(runs, heads, -1), folded_out
 
 
+@dataclass(frozen=True)
+class _StackedPlan:
+    """A :class:`TokenPlan`'s rows and examples for R runs at once (run r's table rows offset by r
+    tables, its examples by r batches), as :func:`folded.row_sum` reads them. Each row's gradient is
+    summed over the same examples in the same order whatever R is, so a member's training does not
+    depend on how many runs share its stack (torch's own embedding_bag backward does: a job resumed
+    with fewer members in a cohort drifted from the uninterrupted one by float32 rounding)."""
+
+    row_index: torch.Tensor  # (R·B, K)
+    n_examples: int
+    by_row: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+    @classmethod
+    def of(cls, plan: TokenPlan, runs: int, n_rows: int) -> _StackedPlan:
+        starts, examples, order, bag_of_row = plan.by_row
+        n_batch, n_entries = plan.n_examples, plan.row_index.numel()
+        r = torch.arange(runs, device=plan.row_index.device)[:, None]
+        return cls(
+            row_index=(plan.row_index[None] + r[:, :, None] * n_rows).reshape(runs * n_batch, -1),
+            n_examples=runs * n_batch,
+            by_row=(
+                (starts[None] + r * n_entries).reshape(-1),
+                (examples[None] + r * n_batch).reshape(-1),
+                (order[None] + r * n_entries).reshape(-1),
+                (bag_of_row[None] + r * n_rows).reshape(-1),
+            ),
+        )
+
+
 class FoldedStack:
     """The folded forward of R stacked one-layer models (examples ending in one token, as the
     grokking tasks' ``=``): per example a weighted sum of K table rows and one d_mlp × p product, as
@@ -182,7 +213,7 @@ class FoldedStack:
         self.layout = TableLayout.covering(token_sets, cfg.d_vocab, cfg.n_heads)
         self.plans = {id(tokens): TokenPlan.build(tokens, self.layout) for tokens in token_sets}
         self._kept = None  # tables built by an evaluation, for the next training step
-        self._index = {}  # (plan, runs) -> row indices with each run's offset
+        self._stacked = {}  # (plan, runs) -> the plan for that many runs
 
     @staticmethod
     def covers(cfg, token_sets) -> bool:
@@ -210,12 +241,10 @@ class FoldedStack:
         pattern = scores.index_select(2, plan.score_index).view(runs, -1, n_pos, n_batch).softmax(dim=2)
         weighted = pattern[:, :, : self.layout.n_weighted]  # (R, H, P - 1, B)
         weights = F.pad(weighted.permute(0, 3, 1, 2).reshape(runs * n_batch, -1), (0, 1), value=1.0)
-        index = self._index.get((id(plan), runs))
-        if index is None:
-            offsets = torch.arange(runs, device=rows.device)[:, None, None] * n_rows
-            index = self._index[(id(plan), runs)] = (plan.row_index[None] + offsets).reshape(runs * n_batch, -1)
-        out = F.embedding_bag(index, rows.reshape(-1, width), per_sample_weights=weights, mode="sum")
-        out = out.view(runs, n_batch, width)
+        stacked_plan = self._stacked.get((id(plan), runs))
+        if stacked_plan is None:
+            stacked_plan = self._stacked[(id(plan), runs)] = _StackedPlan.of(plan, runs, n_rows)
+        out = row_sum(rows.reshape(-1, width), weights, stacked_plan).view(runs, n_batch, width)
         d_mlp = folded_out.shape[1]
         hidden = ACTIVATIONS[self.cfg.act_fn](out[..., :d_mlp])
         logits = torch.baddbmm(out[..., d_mlp:], hidden, folded_out)[..., : self.cfg.d_vocab_out]
@@ -429,6 +458,8 @@ def _train_group_locked(specs, run_dirs, device, threads, threshold, progress_ba
         writer = RunWriter(spec, run_dir, split, threshold, cell)
         writer.prepare(model, optimizer, device, threads, "stacked")
         writer.segment["job_members"] = [Path(d).name for d in run_dirs]  # trained together with
+        # and every file it writes says so: one file alone tells it was trained in a job, and with which runs
+        writer.header_extra = {"job_runs": str(len(run_dirs)), "job_members": json.dumps(writer.segment["job_members"])}
         writers.append(writer)
     cfg = writers[0].model.cfg
 

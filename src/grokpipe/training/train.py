@@ -211,6 +211,7 @@ class RunWriter:
         self.layout = RunLayout(run_dir)
         self.split, self.threshold, self.sweep_cell = split, threshold, sweep_cell
         self.n_train, self.n_test = len(split.train_labels), len(split.test_labels)
+        self.header_extra: dict[str, str] = {}  # more header fields of every file it writes (a job's members)
 
     def prepare(self, model, optimizer, device: str, threads: int, implementation: str) -> None:
         """Directories, stale temporaries, the resume state (restored into ``model`` and
@@ -315,7 +316,7 @@ class RunWriter:
 
         if (epoch + 1) % t.checkpoint_every == 0:
             path = layout.checkpoint(epoch)
-            header = provenance(self.spec, epoch, "checkpoint", self.hooked_config)
+            header = provenance(self.spec, epoch, "checkpoint", self.hooked_config) | self.header_extra
             progress.files[layout.relative(path)] = write_checkpoint(path, self.model.state_dict(), header)
             if epoch not in progress.checkpoint_epochs:
                 progress.checkpoint_epochs.append(epoch)
@@ -337,7 +338,7 @@ class RunWriter:
         if (final_epoch + 1) % self.t.checkpoint_every != 0 and self.start <= final_epoch:
             # The end of a run is a resume point too: growing num_epochs later continues from here.
             resume.save(layout, self.model, self.optimizer, progress, self.spec.config_hash)
-        header = provenance(self.spec, final_epoch, "final", self.hooked_config)
+        header = provenance(self.spec, final_epoch, "final", self.hooked_config) | self.header_extra
         final_data = serialize_state_dict(self.model.state_dict(), header)
         progress.files[layout.relative(layout.final_model)] = write_bytes_atomic(layout.final_model, final_data)
 
