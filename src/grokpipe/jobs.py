@@ -21,8 +21,8 @@ from .errors import ConfigError
 # runs_per_job: auto: runs whose epoch is mostly per-operation overhead (p² small) share a job of
 # up to AUTO_RUNS_PER_JOB; at larger p a lone run's folded forward is faster than the stack's
 # (bench/bench_runs_per_job.py, snakemake --cores 2: 2.1x at p = 13 and 1.6x at p = 31 with 4 per
-# job; 4 per job beat 8 at both). From p = 47 on a stacked epoch costs more per run than a lone one
-# (12.6 against 9.8 ms in-process), whose hand-written backward scales better with the batch.
+# job; 4 per job beat 8 at both). At p = 47 a stacked epoch costs as much per run as a lone one
+# (8.4-8.7 against 8.5-9.9 ms in-process) and at p = 113 more (84 against 51 ms).
 AUTO_RUNS_PER_JOB = 4
 AUTO_MAX_PRIME = 31
 VARYING = ("lr", "weight_decay", "betas", "early_stopping")
