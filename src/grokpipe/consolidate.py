@@ -12,7 +12,6 @@ There is deliberately no pickle output.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,10 +21,8 @@ import torch
 from ._version import __version__
 from .errors import GrokpipeError
 from .io.atomic import (
-    make_unique_dir,
-    remove_stale_staging,
-    replace_directory,
     sha256_file,
+    staged_directory,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -173,14 +170,8 @@ def _write_into_place(
     """Stage, write and rename one consolidated checkpoint (the caller holds the writer lock)."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise GrokpipeError(f"{out_dir}: already exists; pass --force to replace it (nothing was written)")
-    remove_stale_staging(out_dir, STAGING_MARKERS)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_unique_dir(out_dir.parent, f".{out_dir.name}.consolidating-")
-    try:
+    with staged_directory(out_dir, "consolidating", STAGING_MARKERS) as staging:
         record = _write(source, staging, dtype, allow_overflow)
-        replace_directory(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info("consolidated %s (%s, %d tensors) -> %s", source.root, source.format, len(source.tensors), out_dir)
     return record
 

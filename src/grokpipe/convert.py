@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ import torch
 from ._version import __version__
 from .config import canonical_json, run_name
 from .errors import GrokpipeError
-from .io.atomic import make_unique_dir, remove_stale_staging, replace_directory, sha256_file, write_json_atomic
+from .io.atomic import sha256_file, staged_directory, write_json_atomic
 from .io.legacy import LegacyRun, hooked_config_from_legacy, normalize_buffers, read_legacy
 from .io.safetensors_io import header, write_verified_model_file
 from .layout import RUN_DIR_RE, RunLayout
@@ -86,7 +85,6 @@ def convert(
     with writer_lock(run_dir, "convert"):
         if run_dir.exists() and any(run_dir.iterdir()) and not force:
             raise GrokpipeError(f"{run_dir}: already holds a run; pass --force to replace it (nothing was written)")
-        remove_stale_staging(run_dir, STAGING_MARKERS)
         metadata = _convert_locked(
             run, run_dir, model_name, prime, seed, hooked, config_hash, legacy_sha, normalized, grokking_threshold
         )
@@ -98,8 +96,7 @@ STAGING_MARKERS = (".converting-", ".replaced-")
 
 
 def _convert_locked(run, run_dir, model_name, prime, seed, hooked, config_hash, legacy_sha, normalized, threshold):
-    staging = make_unique_dir(run_dir.parent, f".{run_dir.name}.converting-")
-    try:
+    with staged_directory(run_dir, "converting", STAGING_MARKERS) as staging:
         metadata = _write_run(
             run,
             RunLayout(staging, run_dir.name),
@@ -112,9 +109,6 @@ def _convert_locked(run, run_dir, model_name, prime, seed, hooked, config_hash, 
             normalized,
             threshold,
         )
-        replace_directory(staging, run_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return metadata
 
 

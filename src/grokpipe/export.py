@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,10 +38,8 @@ import torch
 from ._version import __version__
 from .errors import GrokpipeError
 from .io.atomic import (
-    make_unique_dir,
-    remove_stale_staging,
-    replace_directory,
     sha256_file,
+    staged_directory,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -328,10 +325,7 @@ def export(run_dir, out="models", which: str = "final", epoch: int | None = None
                 return target  # the same file of the same run: nothing to do
             if not force:
                 raise GrokpipeError(f"{target}: already exists; pass --force to replace it (nothing was written)")
-        remove_stale_staging(target, STAGING_MARKERS)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = make_unique_dir(target.parent, f".{target.name}.exporting-")
-        try:
+        with staged_directory(target, "exporting", STAGING_MARKERS) as staging:
             header = {
                 **read_metadata(source_file),
                 "source": "exported",
@@ -348,9 +342,6 @@ def export(run_dir, out="models", which: str = "final", epoch: int | None = None
             hashes["README.md"] = write_bytes_atomic(staging / "README.md", card.encode())
             meta["files"] = dict(sorted(hashes.items()))
             write_json_atomic(staging / EXPORT_META, meta)
-            replace_directory(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s epoch %d -> %s", run_dir, chosen, target)
     return target
 

@@ -140,6 +140,22 @@ def replace_directory(staging: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
+@contextmanager
+def staged_directory(target: Path, verb: str, markers: tuple[str, ...]):
+    """A new directory ``.{target}.{verb}-*`` beside ``target`` to build it in: renamed into place
+    (:func:`replace_directory`) when the block ends without an error, removed either way, so a
+    failure leaves ``target`` as it was. What a killed writer staged before (``markers``) is removed
+    first; call it with the target's writer lock held."""
+    remove_stale_staging(target, markers)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_unique_dir(target.parent, f".{target.name}.{verb}-")
+    try:
+        yield staging
+        replace_directory(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def remove_stale_staging(target: Path, markers: tuple[str, ...]) -> None:
     """Staging and set-aside directories a killed writer left beside ``target`` (``.NAME{marker}*``);
     call it with the target's writer lock held."""

@@ -9,7 +9,6 @@ it and renamed into place.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,10 +19,8 @@ from .._version import __version__
 from ..errors import GrokpipeError
 from ..export import MODEL_FILE, STAGING_MARKERS, model_config, parameter_count, tokenizer_json
 from ..io.atomic import (
-    make_unique_dir,
-    remove_stale_staging,
-    replace_directory,
     sha256_file,
+    staged_directory,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -67,10 +64,7 @@ def merge(lora_dir: str | Path, *, out: str | Path | None = None, force: bool = 
             if not force:
                 raise GrokpipeError(f"{target}: already exists; pass --force to replace it (nothing was written)")
         state = adapter.merged_state_dict()
-        remove_stale_staging(target, STAGING_MARKERS)
-        out.mkdir(parents=True, exist_ok=True)
-        staging = make_unique_dir(out, f".{target.name}.exporting-")
-        try:
+        with staged_directory(target, "exporting", STAGING_MARKERS) as staging:
             operation = adapter.meta["target"]["operation"]
             base_header = read_metadata(adapter.base.path / MODEL_FILE)
             header = {
@@ -99,9 +93,6 @@ def merge(lora_dir: str | Path, *, out: str | Path | None = None, force: bool = 
             hashes["README.md"] = write_bytes_atomic(staging / "README.md", _model_card(meta).encode())
             meta["files"] = dict(sorted(hashes.items()))
             write_json_atomic(staging / EXPORT_META, meta)
-            replace_directory(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     log.info("merged %s -> %s", adapter.path, target)
     return target
 
