@@ -197,18 +197,21 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_sweep_report(args) -> int:
-    from .analysis.sweep_report import write_sweep_report
+def _config_of(args) -> tuple[dict, str]:
+    """(validated config, where it came from) of a report's ``--config`` or ``--config-json``."""
     from .config import read_config_file, validate_config
 
     if args.config is not None:
         raw, source = read_config_file(args.config), str(args.config)
     else:
-        try:
-            raw, source = json.loads(args.config_json), "--config-json"
-        except ValueError as exc:
-            raise GrokpipeError(f"--config-json is not valid JSON ({exc})") from None
-    config = validate_config(raw, source=source)
+        raw, source = _json_argument(args.config_json, "--config-json"), "--config-json"
+    return validate_config(raw, source=source), source
+
+
+def cmd_sweep_report(args) -> int:
+    from .analysis.sweep_report import write_sweep_report
+
+    config, _ = _config_of(args)
     out = args.out_dir or Path(config["results_dir"]) / "_sweeps" / config["model_name"]
     rows = write_sweep_report(config, out, x=args.x, y=args.y)
     counts = Counter(row["outcome"] for row in rows)
@@ -217,17 +220,10 @@ def cmd_sweep_report(args) -> int:
 
 
 def cmd_transfer_report(args) -> int:
-    from .config import validate_config
     from .lifecycle.transfer import finetune_plan, write_transfer_report
     from .sweep import cells_by_name
 
-    if args.config is not None:
-        from .config import read_config_file
-
-        raw, source = read_config_file(args.config), str(args.config)
-    else:
-        raw, source = _json_argument(args.config_json, "--config-json"), "--config-json"
-    config = validate_config(raw, source=source)
+    config, source = _config_of(args)
     plan = finetune_plan(config, cells_by_name(config, source), source)
     out = args.out_dir or Path(config["results_dir"]) / "_finetune" / config["model_name"]
     rows = write_transfer_report(config, plan, out)

@@ -157,6 +157,12 @@ def parameter_count(state_dict: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() for name, t in state_dict.items() if not name.endswith(BUFFER_SUFFIXES))
 
 
+def check_version(version: str | None) -> None:
+    """A ``--version`` suffix of an export or adapter name: letters, digits, '.' and '_'."""
+    if version is not None and not _VERSION_RE.match(version):
+        raise GrokpipeError(f"--version {version!r}: letters, digits, '.' and '_' only (no '-', no '/')")
+
+
 def export_name(
     hooked: dict,
     prime: int,
@@ -170,8 +176,7 @@ def export_name(
 ) -> ExportName:
     """The export directory name of one epoch (see the module docstring); ``config_hash``: the
     run's config hash, whose first 8 digits tell it from runs that differ only in a setting."""
-    if version is not None and not _VERSION_RE.match(version):
-        raise GrokpipeError(f"--version {version!r}: letters, digits, '.' and '_' only (no '-', no '/')")
+    check_version(version)
     architecture = f"tl{hooked['n_layers']}l" + ("attn" if hooked.get("attn_only") else "")
     run_version = f"s{seed}-e{epoch}" + (f"-c{config_hash[:8]}" if config_hash else "")
     run_version += f"-{version}" if version else ""

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from ..errors import GrokpipeError
-from ..export import MODEL_FILE, ExportName, is_export, parse_export_name, verify_export
+from ..export import MODEL_FILE, ExportName, check_version, is_export, parse_export_name, verify_export
 from ..io.paths import regular_file
 from ..loading import EXPORT_META, read_json
-from .lora_format import delta_weight, parse_adapter_config
+from .lora_format import delta_weight, factor_shapes, parse_adapter_config
 
 ADAPTERS_DIR = "adapters"
 ADAPTER_CONFIG = f"{ADAPTERS_DIR}/adapter_config.json"
@@ -46,10 +46,7 @@ def is_lora_dir(path: str | Path) -> bool:
 def lora_name(base: ExportName, target_operation: str, rank: int, seed: int, settings_hash: str, version=None) -> str:
     """The adapter directory's name: the base's architecture, size and run version, the source and
     target tasks, ``lora``, then rank, fine-tune seed and the settings' hash (``--version`` last)."""
-    from ..export import _VERSION_RE
-
-    if version is not None and not _VERSION_RE.match(version):
-        raise GrokpipeError(f"--version {version!r}: letters, digits, '.' and '_' only (no '-', no '/')")
+    check_version(version)
     dataset = f"{base.source_dataset}-to-mod{target_operation}{base.prime}"
     parts = [
         base.architecture,
@@ -222,8 +219,6 @@ def read_adapter(path: str | Path) -> Adapter:
         raise GrokpipeError(
             f"{path / ADAPTER_MODEL}: its tensors do not match the target_parameters of {ADAPTER_CONFIG}; refused"
         )
-    from .lora_format import factor_shapes
-
     for target in targets:
         if target not in base.state:
             raise GrokpipeError(f"{path / ADAPTER_CONFIG}: targets {target}, which the base model does not have")

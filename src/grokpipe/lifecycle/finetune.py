@@ -33,12 +33,14 @@ from ..io.safetensors_io import serialize_state_dict
 from ..layout import RunLayout
 from ..loading import EXPORT_META, load_metadata
 from ..training import resume
+from ..training.cross_entropy import count_correct
+from ..training.model import loss_fn
 from ..training.train import (
-    checkpoint_gaps,
     epoch_bar,
     finite_or_none,
     grokking_epoch,
     is_eval_epoch,
+    resume_or_start,
     write_checkpoint,
 )
 from ..writer_lock import writer_lock
@@ -252,7 +254,8 @@ def _train(target, base, settings, settings_hash, targets, shapes, threads, prog
     model = loaded_model(base.hooked, base.state, base.path).train()
     for param in model.parameters():
         param.requires_grad_(False)
-    base_params = {t: dict(model.named_parameters())[t] for t in targets}
+    all_params = dict(model.named_parameters())
+    base_params = {t: all_params[t] for t in targets}
     names = peft_tensor_names(targets, model)
     factors = LoraFactors(shapes, settings.rank, settings.alpha / settings.rank, settings.seed)
     optimizer = torch.optim.AdamW(
@@ -261,21 +264,21 @@ def _train(target, base, settings, settings_hash, targets, shapes, threads, prog
     layout = RunLayout(target)
     for directory in (layout.root, layout.checkpoints_dir, layout.resume_dir):
         directory.mkdir(parents=True, exist_ok=True)
-    progress = _resume(layout, factors, optimizer, settings, settings_hash)
+    progress = resume_or_start(
+        layout, factors, optimizer, settings_hash, settings.num_epochs, settings.checkpoint_every
+    )
+    # The stacked forward (one run) is HookedTransformer's last-position logits to float32
+    # rounding at a fraction of its cost; models it does not cover use HookedTransformer itself.
+    stacked = stack_unsupported_reason(model) is None
     segment = {
         "first_epoch": progress.epoch + 1,
         "threads": threads,
         "torch": torch.__version__,
-        "implementation": "stacked" if stack_unsupported_reason(model) is None else "hooked_transformer",
+        "implementation": "stacked" if stacked else "hooked_transformer",
         "seconds": 0.0,
     }
     progress.segments.append(segment)
     began = time.perf_counter()
-
-    # The stacked forward (one run) is HookedTransformer's last-position logits to float32
-    # rounding at a fraction of its cost; models it does not cover use HookedTransformer itself.
-    stacked = stack_unsupported_reason(model) is None
-    all_params = dict(model.named_parameters())
 
     def objective(tokens, labels):
         params = {t: base_params[t] + delta for t, delta in factors.deltas().items()}
@@ -284,10 +287,8 @@ def _train(target, base, settings, settings_hash, targets, shapes, threads, prog
             logits = stacked_logits(full, model.cfg, tokens)[0]
         else:
             logits = torch.func.functional_call(model, params, (tokens,))[:, -1]
-        log_probs = logits.to(torch.float64).log_softmax(dim=-1)
-        picked = log_probs.gather(-1, labels[:, None])[:, 0]
-        correct = (picked >= log_probs.max(dim=-1).values).sum()  # ties count, as for runs
-        return -picked.mean(), correct
+        # the demo's loss and the runs' accuracy rule (ties count), as hooked_transformer runs train
+        return loss_fn(logits, labels), count_correct(logits.detach(), labels)
 
     # loop
     bar = epoch_bar(progress.epoch + 1, settings.num_epochs, settings.num_epochs, target.name[:40], progress_bar)
@@ -357,20 +358,6 @@ def _train(target, base, settings, settings_hash, targets, shapes, threads, prog
         meta["grokking_threshold"],
         meta["grokking_epoch"],
     )
-
-
-def _resume(layout: RunLayout, factors, optimizer, settings: FinetuneSettings, settings_hash: str) -> resume.Progress:
-    loaded, why = resume.load(layout, settings_hash, settings.num_epochs)
-    if loaded is not None and checkpoint_gaps(layout, loaded.progress, settings.checkpoint_every):
-        loaded, why = None, "a checkpoint is missing or damaged; starting from epoch 0, which recomputes it"
-    if loaded is not None:
-        resume.restore(loaded, factors, optimizer)
-        log.info("%s: %s", layout.name, why)
-        return loaded.progress
-    if resume.exists(layout):
-        log.warning("%s: not resuming: %s", layout.name, why)
-        resume.clear(layout)
-    return resume.Progress()
 
 
 def _meta(target, base: Base, settings, settings_hash, targets, names, progress, split) -> dict:

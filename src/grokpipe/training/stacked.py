@@ -48,8 +48,6 @@ from .lean_forward import unsupported_reason
 from .model import resolve_device, training_model
 from .train import RunWriter, epoch_bar, is_eval_epoch
 
-EPS = 1e-8  # torch.optim.AdamW's default, which lone runs use
-
 
 def stack_unsupported_reason(model) -> str | None:
     """Why a model cannot be trained stacked (None when it can)."""
@@ -355,12 +353,12 @@ def stacked_objective(cfg, token_sets):
     return FoldedStack(cfg, token_sets) if FoldedStack.covers(cfg, token_sets) else _GeneralStack(cfg)
 
 
-def _train_cohort(writers: list[RunWriter], split, cfg, progress_bar: bool) -> None:
-    """Train members that resume from the same epoch together until each has ended."""
+def _train_cohort(writers: list[RunWriter], split, objective, progress_bar: bool) -> None:
+    """Train members that resume from the same epoch together until each has ended
+    (``objective``: the job's :func:`stacked_objective`)."""
     t = writers[0].t
     active = list(writers)
     stack = Stack(active)
-    objective = stacked_objective(cfg, (split.train_tokens, split.test_tokens))
     start, last = writers[0].start, max(w.last for w in writers)
     bar = epoch_bar(start, last + 1, t.num_epochs, f"{len(writers)} runs", progress_bar)
     for epoch in bar:
@@ -461,7 +459,8 @@ def _train_group_locked(specs, run_dirs, device, threads, threshold, progress_ba
         # and every file it writes says so: one file alone tells it was trained in a job, and with which runs
         writer.header_extra = {"job_runs": str(len(run_dirs)), "job_members": json.dumps(writer.segment["job_members"])}
         writers.append(writer)
-    cfg = writers[0].model.cfg
+    # its tables' layout and the token plans: built once for the job, whatever its cohorts
+    objective = stacked_objective(writers[0].model.cfg, (split.train_tokens, split.test_tokens))
 
     # loop: one cohort per starting epoch; members with nothing left to train are only finished
     cohorts: dict[int, list[RunWriter]] = {}
@@ -471,7 +470,7 @@ def _train_group_locked(specs, run_dirs, device, threads, threshold, progress_ba
         else:
             writer.finish()
     for start in sorted(cohorts):
-        _train_cohort(cohorts[start], split, cfg, progress_bar)
+        _train_cohort(cohorts[start], split, objective, progress_bar)
 
     # finish (each member's finish() ran when it ended)
     return [writer.metadata for writer in writers]

@@ -159,6 +159,34 @@ def checkpoint_gaps(layout: RunLayout, progress: resume.Progress, checkpoint_eve
     return gaps
 
 
+def resume_or_start(layout: RunLayout, model, optimizer, config_hash: str, num_epochs: int, checkpoint_every: int):
+    """The progress to continue from: the resume state restored into ``model`` and ``optimizer``
+    when it belongs to ``config_hash`` and every checkpoint it records is intact, else a fresh
+    start (an unusable state is cleared). Returns a :class:`resume.Progress`."""
+    loaded, why = resume.load(layout, config_hash, num_epochs)
+    if loaded is not None:
+        gaps = checkpoint_gaps(layout, loaded.progress, checkpoint_every)
+        if gaps:
+            # Only the latest state is kept, so the last intact point before a gap is the seeded
+            # initialisation: retraining from it reproduces every epoch bit for bit.
+            loaded, why = (
+                None,
+                (
+                    f"checkpoint(s) for epoch(s) {gaps} are missing or damaged; retraining from epoch 0 "
+                    "recomputes them (intact checkpoints are kept as they are)"
+                ),
+            )
+    if loaded is not None:
+        resume.restore(loaded, model, optimizer)
+        log.info("%s: %s", layout.name, why)
+        return loaded.progress
+    if resume.exists(layout):
+        log.warning("%s: not resuming: %s", layout.name, why)
+        resume.clear(layout)
+    log.info("%s: starting from epoch 0", layout.name)
+    return resume.Progress()
+
+
 def finite_or_none(value: float) -> float | None:
     """A loss as JSON can hold it: None for NaN/inf (strict JSON has no such numbers)."""
     return value if math.isfinite(value) else None
@@ -223,29 +251,7 @@ class RunWriter:
             for stale in remove_stale_temporaries(directory):
                 log.info("removed temporary file left by an interrupted write: %s", stale)
         self.hooked_config = config_to_json(model.cfg)
-        loaded, why = resume.load(layout, self.spec.config_hash, t.num_epochs)
-        if loaded is not None:
-            gaps = checkpoint_gaps(layout, loaded.progress, t.checkpoint_every)
-            if gaps:
-                # Only the latest state is kept, so the last intact point before a gap is the seeded
-                # initialisation: retraining from it reproduces every epoch bit for bit.
-                loaded, why = (
-                    None,
-                    (
-                        f"checkpoint(s) for epoch(s) {gaps} are missing or damaged; retraining from epoch 0 "
-                        "recomputes them (intact checkpoints are kept as they are)"
-                    ),
-                )
-        if loaded is not None:
-            resume.restore(loaded, model, optimizer)
-            progress = loaded.progress
-            log.info("%s: %s", layout.name, why)
-        else:
-            if resume.exists(layout):
-                log.warning("%s: not resuming: %s", layout.name, why)
-                resume.clear(layout)
-            progress = resume.Progress()
-            log.info("%s: starting from epoch 0", layout.name)
+        progress = resume_or_start(layout, model, optimizer, self.spec.config_hash, t.num_epochs, t.checkpoint_every)
         _prune_checkpoints(layout, self.spec, keep_below=t.num_epochs)
         # Keep the record consistent with the files that survive pruning.
         progress.checkpoint_epochs = [e for e in progress.checkpoint_epochs if layout.checkpoint(e).exists()]
